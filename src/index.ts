@@ -1,5 +1,13 @@
+/** The Worker entry: HTTP routes, and the Durable Object classes wrangler.toml binds. */
+import { handleRequest } from "./api/routes.ts";
+import type { Env } from "./env.ts";
+
+export { Guild } from "./guild/guild.ts";
+export { User } from "./guild/user.ts";
+export { Session } from "./session/session.ts";
+
 export default {
-  async fetch(): Promise<Response> {
-    return Response.json({ error: { code: "not_found", message: "no such route" } }, { status: 404 });
+  fetch(request, env) {
+    return handleRequest(request, env);
   },
-} satisfies ExportedHandler;
+} satisfies ExportedHandler<Env>;

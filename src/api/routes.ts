@@ -1,0 +1,145 @@
+import type { Env } from "../env.ts";
+import { isDevelopment } from "../env.ts";
+import type { GuildResult } from "../guild/events.ts";
+import { call } from "../transport/index.ts";
+import { type Claims, DEFAULT_TOKEN_TTL_SECONDS, authSecret, isValidId, signToken, verifyToken } from "./auth.ts";
+import { HttpError, errorResponse, json, readJsonObject } from "./http.ts";
+
+/**
+ * The Worker's HTTP API (CONTRACT.md). Routes read top to bottom; every failure is an
+ * `HttpError` turned into `{"error": {"code", "message"}}` in one place.
+ */
+export async function handleRequest(request: Request, env: Env): Promise<Response> {
+  try {
+    return await route(request, env);
+  } catch (error) {
+    if (error instanceof HttpError) return errorResponse(error);
+    console.error("unhandled error in API:", error);
+    return errorResponse(new HttpError(500, "internal_error", "something went wrong on our side"));
+  }
+}
+
+async function route(request: Request, env: Env): Promise<Response> {
+  const url = new URL(request.url);
+  const path = url.pathname.split("/").filter(Boolean);
+  const method = request.method;
+
+  if (url.pathname === "/gateway") {
+    allow(method, ["GET"]);
+    return openGateway(request, env);
+  }
+
+  if (path[0] === "api" && path[1] === "dev" && isDevelopment(env)) {
+    if (path[2] === "token" && path.length === 3) {
+      allow(method, ["POST"]);
+      return issueDevToken(request, env);
+    }
+  }
+
+  if (path[0] === "api" && path[1] === "guilds" && path.length >= 4) {
+    const guildId = path[2]!;
+    if (!isValidId(guildId)) throw new HttpError(400, "invalid_id", "guild id must be 1–64 characters of [A-Za-z0-9_-]");
+    const guild = env.GUILD.get(env.GUILD.idFromName(guildId));
+
+    if (path[3] === "members" && path.length === 5) {
+      allow(method, ["PUT", "DELETE"]);
+      const userId = path[4]!;
+      if (!isValidId(userId)) throw new HttpError(400, "invalid_id", "user id must be 1–64 characters of [A-Za-z0-9_-]");
+      await requireAdmin(request, env);
+      if (method === "PUT") {
+        const { added } = unwrap(await guild.addMember(guildId, userId));
+        return json({ guild_id: guildId, user_id: userId }, added ? 201 : 200);
+      }
+      unwrap(await guild.removeMember(guildId, userId));
+      return new Response(null, { status: 204 });
+    }
+
+    if (path[3] === "messages" && path.length === 4) {
+      allow(method, ["GET", "POST"]);
+      const claims = await authenticate(request, env);
+      if (method === "POST") {
+        const body = await readJsonObject(request);
+        const content = body.content;
+        if (typeof content !== "string" || content.length < 1 || content.length > 4000) {
+          throw new HttpError(400, "invalid_content", "content must be a string of 1–4000 characters");
+        }
+        const message = unwrap(await call(guild, "createMessage", { guildId, authorId: claims.sub, content }));
+        return json(message, 201);
+      }
+      const after = integerParam(url, "after", 0, 0, Number.MAX_SAFE_INTEGER);
+      const limit = integerParam(url, "limit", 50, 1, 100);
+      return json(unwrap(await guild.history(guildId, claims.sub, after, limit)));
+    }
+
+    if (path[3] === "timings" && path.length === 4) {
+      allow(method, ["GET"]);
+      await requireAdmin(request, env);
+      return json({ guild_id: guildId, minutes: unwrap(await guild.timingsFor(guildId)) });
+    }
+  }
+
+  throw new HttpError(404, "not_found", `no route for ${url.pathname}`);
+}
+
+function openGateway(request: Request, env: Env): Promise<Response> {
+  if (request.headers.get("Upgrade")?.toLowerCase() !== "websocket") {
+    throw new HttpError(426, "upgrade_required", "GET /gateway expects a WebSocket upgrade", { Upgrade: "websocket" });
+  }
+  // A new object per connection; its id is the session id clients resume with.
+  return env.SESSION.get(env.SESSION.newUniqueId()).fetch(request);
+}
+
+async function issueDevToken(request: Request, env: Env): Promise<Response> {
+  const body = await readJsonObject(request);
+  if (!isValidId(body.user_id)) throw new HttpError(400, "invalid_id", "user_id must be 1–64 characters of [A-Za-z0-9_-]");
+  if (body.admin !== undefined && typeof body.admin !== "boolean") throw new HttpError(400, "invalid_body", "admin must be a boolean");
+  const claims: Claims = {
+    sub: body.user_id,
+    role: body.admin === true ? "admin" : "user",
+    exp: Math.floor(Date.now() / 1000) + DEFAULT_TOKEN_TTL_SECONDS,
+  };
+  return json({ token: await signToken(requireSecret(env), claims) });
+}
+
+function requireSecret(env: Env): string {
+  const secret = authSecret(env);
+  if (!secret) throw new HttpError(500, "server_misconfigured", "AUTH_SECRET is not set (use `wrangler secret put AUTH_SECRET`)");
+  return secret;
+}
+
+async function authenticate(request: Request, env: Env): Promise<Claims> {
+  const secret = requireSecret(env);
+  const header = request.headers.get("Authorization");
+  const token = header?.startsWith("Bearer ") ? header.slice(7).trim() : null;
+  if (!token) throw new HttpError(401, "unauthorized", "missing Authorization: Bearer <token>", { "WWW-Authenticate": "Bearer" });
+  const claims = await verifyToken(secret, token);
+  if (!claims) throw new HttpError(401, "invalid_token", "token is invalid or expired", { "WWW-Authenticate": "Bearer" });
+  return claims;
+}
+
+async function requireAdmin(request: Request, env: Env): Promise<Claims> {
+  const claims = await authenticate(request, env);
+  if (claims.role !== "admin") throw new HttpError(403, "forbidden", "this route is for admins");
+  return claims;
+}
+
+function allow(method: string, methods: string[]): void {
+  if (!methods.includes(method)) {
+    throw new HttpError(405, "method_not_allowed", `use ${methods.join(" or ")}`, { Allow: methods.join(", ") });
+  }
+}
+
+function integerParam(url: URL, name: string, fallback: number, min: number, max: number): number {
+  const raw = url.searchParams.get(name);
+  if (raw === null) return fallback;
+  const value = Number(raw);
+  if (!/^\d+$/.test(raw) || !Number.isSafeInteger(value) || value < min || value > max) {
+    throw new HttpError(400, "invalid_query", `${name} must be an integer from ${min} to ${max}`);
+  }
+  return value;
+}
+
+function unwrap<T>(result: GuildResult<T>): T {
+  if (result.ok) return result.value;
+  throw new HttpError(result.error.status, result.error.code, result.error.message);
+}

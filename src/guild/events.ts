@@ -1,0 +1,39 @@
+import type { Message } from "../gateway/protocol.ts";
+import type { Incoming } from "../transport/index.ts";
+
+/** What a guild fans out. `seq` orders a guild's events; sessions use it to drop repeats and find gaps. */
+export interface MessageCreateEvent {
+  type: "MESSAGE_CREATE";
+  seq: number;
+  message: Message;
+}
+export type GuildEvent = MessageCreateEvent;
+
+/** One RPC to one session: every event queued for it, in seq order, each wrapped when sampled. */
+export interface GuildDelivery {
+  guildId: string;
+  events: Incoming<GuildEvent>[];
+}
+
+/** Errors cross Durable Object boundaries as values, shaped for the HTTP API. */
+export interface GuildError {
+  status: 400 | 403 | 404 | 429;
+  code: string;
+  message: string;
+}
+export type GuildResult<T> = { ok: true; value: T } | { ok: false; error: GuildError };
+
+export const ok = <T>(value: T): GuildResult<T> => ({ ok: true, value });
+export const fail = <T = never>(status: GuildError["status"], code: string, message: string): GuildResult<T> => ({
+  ok: false,
+  error: { status, code, message },
+});
+
+export interface Subscription {
+  sessionId: string;
+  userId: string;
+  /** Id (hex) of the Session object that holds the session's socket now; changes on resume. */
+  target: string;
+  /** Deliver every event after this seq; omitted for a new session (deliver from now on). */
+  after?: number;
+}

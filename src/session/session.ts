@@ -1,0 +1,450 @@
+import { DurableObject } from "cloudflare:workers";
+import { verifyToken, authSecret } from "../api/auth.ts";
+import type { Env } from "../env.ts";
+import { parseClientFrame } from "../gateway/frames.ts";
+import {
+  type ClientFrame,
+  CloseCode,
+  DEFAULT_HEARTBEAT_INTERVAL_MS,
+  type EventName,
+  HEARTBEAT_TIMEOUT_FACTOR,
+  Op,
+  RATE_LIMIT_FRAMES,
+  RATE_LIMIT_WINDOW_MS,
+  RESUME_WINDOW_MS,
+  type ServerFrame,
+} from "../gateway/protocol.ts";
+import type { GuildDelivery, GuildEvent } from "../guild/events.ts";
+import { handle } from "../transport/index.ts";
+import { ResumeBuffer } from "./resume-buffer.ts";
+
+/**
+ * - `connecting`: HELLO sent, waiting for IDENTIFY or RESUME.
+ * - `ready`: identified (or resumed) with a socket.
+ * - `disconnected`: socket gone, resumable until `resumeDeadline`, still buffering dispatches.
+ * - `moved`: this object is where the session started, and it now lives in another object
+ *   (`movedTo`) after a RESUME on a new connection; resumes are forwarded there.
+ * - `ended`: nothing left.
+ */
+type Status = "connecting" | "ready" | "disconnected" | "moved" | "ended";
+
+interface State {
+  status: Status;
+  /** The session id clients see: the id of the object where the session started. */
+  sessionId: string;
+  userId: string;
+  /** Last dispatch sequence sent. */
+  s: number;
+  movedTo: string;
+  heartbeatDeadline: number;
+  resumeDeadline: number;
+}
+
+/** What the session's current holder hands to the object a client resumed on. */
+export type HandOff =
+  | { kind: "ok"; userId: string; s: number; guilds: GuildPosition[]; frames: { s: number; frame: string }[] }
+  | { kind: "unknown" }
+  | { kind: "seq_ahead" }
+  | { kind: "wrong_user" };
+
+/** How far a session has got in one guild. */
+export interface GuildPosition {
+  guildId: string;
+  lastSeq: number;
+}
+
+export interface HandOffRequest {
+  requester: string;
+  userId: string;
+  seq: number;
+}
+
+const HOLDING: ReadonlySet<Status> = new Set(["ready", "disconnected"]);
+const ENDS_SESSION = (code: number) => code === CloseCode.NORMAL || code === CloseCode.GOING_AWAY;
+
+/**
+ * One gateway connection: its WebSocket (hibernation API), the Discord-style protocol, and a
+ * resume buffer. Everything that must survive hibernation or eviction lives in SQLite storage;
+ * memory holds only a cache of it and the frame rate counter.
+ */
+export class Session extends DurableObject<Env> {
+  private readonly sql: SqlStorage;
+  private readonly buffer: ResumeBuffer;
+  private state: State;
+  /** Work that dispatches runs one task at a time, so dispatch order is the order of arrival. */
+  private serial: Promise<unknown> = Promise.resolve();
+  private frameWindowStart = 0;
+  private framesInWindow = 0;
+
+  constructor(ctx: DurableObjectState, env: Env) {
+    super(ctx, env);
+    this.sql = ctx.storage.sql;
+    this.sql.exec(`
+      CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0), data TEXT NOT NULL);
+      CREATE TABLE IF NOT EXISTS guilds (guild_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+    `);
+    this.buffer = new ResumeBuffer(this.sql);
+    const saved = this.sql.exec<{ data: string }>("SELECT data FROM state WHERE id = 0").toArray()[0];
+    this.state = saved
+      ? (JSON.parse(saved.data) as State)
+      : { status: "connecting", sessionId: "", userId: "", s: 0, movedTo: "", heartbeatDeadline: 0, resumeDeadline: 0 };
+  }
+
+  private get selfId(): string {
+    return this.ctx.id.toString();
+  }
+
+  private get heartbeatInterval(): number {
+    const configured = Number(this.env.HEARTBEAT_INTERVAL_MS);
+    return Number.isFinite(configured) && configured >= 100 ? configured : DEFAULT_HEARTBEAT_INTERVAL_MS;
+  }
+
+  // ---- connection -------------------------------------------------------------------------
+
+  /** The Worker forwards `GET /gateway` here, to a brand-new object. */
+  override async fetch(request: Request): Promise<Response> {
+    if (request.headers.get("Upgrade")?.toLowerCase() !== "websocket") {
+      return new Response("expected a WebSocket upgrade", { status: 426 });
+    }
+    if (this.state.status !== "connecting" || this.ctx.getWebSockets().length > 0) {
+      return new Response("session object already in use", { status: 409 });
+    }
+    const { 0: client, 1: server } = new WebSocketPair();
+    this.ctx.acceptWebSocket(server);
+    this.send(server, { op: Op.HELLO, d: { heartbeat_interval: this.heartbeatInterval } });
+    this.extendHeartbeat();
+    return new Response(null, { status: 101, webSocket: client });
+  }
+
+  override async webSocketMessage(ws: WebSocket, data: string | ArrayBuffer): Promise<void> {
+    if (!this.withinRateLimit()) return this.close(ws, CloseCode.RATE_LIMITED, "too many frames");
+    const parsed = parseClientFrame(data);
+    const authenticated = HOLDING.has(this.state.status);
+    if (!parsed.ok) {
+      if (parsed.serverOnly && !authenticated) return this.close(ws, CloseCode.NOT_AUTHENTICATED, "identify first");
+      return this.close(ws, parsed.code, parsed.reason);
+    }
+    const frame: ClientFrame = parsed.frame;
+    switch (frame.op) {
+      case Op.HEARTBEAT:
+        this.extendHeartbeat();
+        return this.send(ws, { op: Op.HEARTBEAT_ACK });
+      case Op.IDENTIFY:
+      case Op.RESUME: {
+        if (authenticated || this.busy) return this.close(ws, CloseCode.ALREADY_AUTHENTICATED, "already authenticated");
+        this.busy = true;
+        try {
+          await (frame.op === Op.IDENTIFY ? this.identify(ws, frame.d.token) : this.resume(ws, frame.d));
+        } finally {
+          this.busy = false;
+        }
+      }
+    }
+  }
+
+  /** An IDENTIFY or RESUME is being processed; a second one is refused. */
+  private busy = false;
+
+  override async webSocketClose(_ws: WebSocket, code: number): Promise<void> {
+    await this.disconnected(code);
+  }
+
+  override async webSocketError(): Promise<void> {
+    await this.disconnected(CloseCode.UNKNOWN_ERROR);
+  }
+
+  /** Heartbeat deadline while connected, resume deadline while disconnected. */
+  override async alarm(): Promise<void> {
+    const now = Date.now();
+    const { status } = this.state;
+    if ((status === "connecting" || status === "ready") && now >= this.state.heartbeatDeadline) {
+      const ws = this.socket();
+      if (ws) return this.close(ws, CloseCode.SESSION_TIMED_OUT, "no heartbeat received in time");
+      return this.disconnected(CloseCode.SESSION_TIMED_OUT);
+    }
+    if (status === "disconnected" && now >= this.state.resumeDeadline) return this.end();
+    this.scheduleAlarm();
+  }
+
+  // ---- identify and resume ------------------------------------------------------------------
+
+  private async authenticate(ws: WebSocket, token: string): Promise<string | null> {
+    const secret = authSecret(this.env);
+    const claims = secret ? await verifyToken(secret, token) : null;
+    if (!claims) {
+      this.close(ws, CloseCode.AUTHENTICATION_FAILED, secret ? "invalid token" : "server has no AUTH_SECRET");
+      return null;
+    }
+    return claims.sub;
+  }
+
+  private async identify(ws: WebSocket, token: string): Promise<void> {
+    const userId = await this.authenticate(ws, token);
+    if (!userId) return;
+    await this.enqueue(async () => {
+      this.setState({ status: "ready", sessionId: this.selfId, userId });
+      const guildIds = await this.user(userId).attachSession(this.selfId, this.selfId);
+      const subscribed = await this.subscribeAll(guildIds.map((guildId) => ({ guildId })));
+      this.dispatch("READY", { session_id: this.selfId, user_id: userId, guilds: subscribed });
+    });
+  }
+
+  private async resume(ws: WebSocket, request: { token: string; session_id: string; seq: number }): Promise<void> {
+    const userId = await this.authenticate(ws, request.token);
+    if (!userId) return;
+    const origin = this.sessionStub(request.session_id);
+    if (!origin || request.session_id === this.selfId) return this.send(ws, { op: Op.INVALID_SESSION, d: false });
+    let handOff: HandOff;
+    try {
+      handOff = await origin.takeOver({ requester: this.selfId, userId, seq: request.seq });
+    } catch (error) {
+      console.warn("resume: the session's object could not be reached:", error);
+      handOff = { kind: "unknown" };
+    }
+    if (handOff.kind === "seq_ahead") return this.close(ws, CloseCode.INVALID_SEQ, "seq is ahead of the session");
+    if (handOff.kind === "wrong_user") return this.close(ws, CloseCode.AUTHENTICATION_FAILED, "session belongs to another user");
+    if (handOff.kind === "unknown") return this.send(ws, { op: Op.INVALID_SESSION, d: false });
+    const { frames, guilds, s } = handOff;
+    await this.enqueue(async () => {
+      this.buffer.restore(frames);
+      this.setState({ status: "ready", sessionId: request.session_id, userId, s });
+      for (const { guildId, lastSeq } of guilds) this.setGuildSeq(guildId, lastSeq);
+      for (const { frame } of frames) ws.send(frame);
+      await this.user(userId).attachSession(request.session_id, this.selfId);
+      // Each guild re-targets its deliveries here and replays what came after `lastSeq`.
+      await this.subscribeAll(guilds);
+      this.dispatch("RESUMED", null);
+    });
+  }
+
+  /** Called on the object where a session started, by the object a client resumes on. */
+  async takeOver(request: HandOffRequest): Promise<HandOff> {
+    if (this.state.status === "moved") {
+      const holder = this.sessionStub(this.state.movedTo);
+      const handOff = holder ? await holder.handOff(request) : ({ kind: "unknown" } as const);
+      if (handOff.kind === "ok") this.setState({ movedTo: request.requester });
+      return handOff;
+    }
+    return this.handOff(request);
+  }
+
+  /** Gives the session (state, guild positions, unacknowledged dispatches) to `requester`. */
+  async handOff(request: HandOffRequest): Promise<HandOff> {
+    return this.enqueue(() => {
+      const { status, userId, s, sessionId } = this.state;
+      if (!HOLDING.has(status)) return { kind: "unknown" };
+      if (request.userId !== userId) return { kind: "wrong_user" };
+      if (request.seq > s) return { kind: "seq_ahead" };
+      const oldest = this.buffer.oldestSeq();
+      if (request.seq < s && (oldest === null || oldest > request.seq + 1)) return { kind: "unknown" };
+      const handOff: HandOff = { kind: "ok", userId, s, guilds: this.guildSeqs(), frames: this.buffer.framesAfter(request.seq) };
+      const ws = this.socket();
+      if (ws) ws.close(CloseCode.UNKNOWN_ERROR, "session resumed on another connection");
+      if (sessionId === this.selfId) {
+        // Where the session started: keep a pointer so later resumes find it.
+        this.buffer.clear();
+        this.sql.exec("DELETE FROM guilds");
+        this.setState({ status: "moved", movedTo: request.requester });
+      } else {
+        this.wipe();
+      }
+      return handOff;
+    });
+  }
+
+  /** The session's last holder ended it: the pointer kept here is no longer needed. */
+  async release(): Promise<void> {
+    if (this.state.status === "moved") this.wipe();
+  }
+
+  // ---- deliveries from guilds and the user directory ---------------------------------------
+
+  async deliver(delivery: GuildDelivery): Promise<void> {
+    await this.enqueue(async () => {
+      if (!HOLDING.has(this.state.status)) return;
+      let lastSeq = this.guildSeq(delivery.guildId);
+      if (lastSeq === undefined) return;
+      for (const incoming of delivery.events) {
+        lastSeq = await handle(incoming, "session.deliver", async (event) => {
+          if (event.seq <= lastSeq!) return lastSeq!;
+          let seq = lastSeq!;
+          if (event.seq > seq + 1) seq = await this.fillGap(delivery.guildId, seq, event.seq);
+          this.dispatchEvent(event);
+          return event.seq;
+        });
+      }
+      this.setGuildSeq(delivery.guildId, lastSeq);
+    });
+  }
+
+  async guildAdded(guildId: string): Promise<void> {
+    await this.enqueue(async () => {
+      if (!HOLDING.has(this.state.status) || this.guildSeq(guildId) !== undefined) return;
+      const subscribed = await this.subscribeAll([{ guildId }]);
+      if (subscribed.length > 0) this.dispatch("GUILD_CREATE", { id: guildId });
+    });
+  }
+
+  async guildRemoved(guildId: string): Promise<void> {
+    await this.enqueue(() => {
+      if (!HOLDING.has(this.state.status) || this.guildSeq(guildId) === undefined) return;
+      this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
+      this.dispatch("GUILD_DELETE", { id: guildId });
+    });
+  }
+
+  // ---- internals ----------------------------------------------------------------------------
+
+  private enqueue<R>(task: () => R | Promise<R>): Promise<R> {
+    const run = this.serial.then(task);
+    this.serial = run.catch((error: unknown) => console.error("session task failed:", error));
+    return run;
+  }
+
+  /** Subscribes to each guild (resuming after `lastSeq` when given); returns the guilds that accepted. */
+  private async subscribeAll(guilds: { guildId: string; lastSeq?: number }[]): Promise<string[]> {
+    const { sessionId, userId } = this.state;
+    const results = await Promise.all(
+      guilds.map(async ({ guildId, lastSeq: after }) => {
+        const result = await this.guild(guildId).subscribe({ sessionId, userId, target: this.selfId, ...(after === undefined ? {} : { after }) });
+        if (!result.ok) {
+          this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
+          return null;
+        }
+        if (after === undefined) this.setGuildSeq(guildId, result.value.lastSeq);
+        return guildId;
+      }),
+    );
+    return results.filter((id): id is string => id !== null);
+  }
+
+  /** Pulls the events between `lastSeq` and `nextSeq` that never arrived; returns the new last seq. */
+  private async fillGap(guildId: string, lastSeq: number, nextSeq: number): Promise<number> {
+    const missing = await this.guild(guildId).eventsAfter(this.state.sessionId, lastSeq, nextSeq - lastSeq - 1);
+    for (const event of missing) {
+      if (event.seq !== lastSeq + 1) break;
+      this.dispatchEvent(event);
+      lastSeq = event.seq;
+    }
+    return lastSeq;
+  }
+
+  private dispatchEvent(event: GuildEvent): void {
+    this.dispatch(event.type, event.message);
+  }
+
+  private dispatch(t: EventName, d: unknown): void {
+    const s = this.state.s + 1;
+    const frame = JSON.stringify({ op: Op.DISPATCH, t, s, d });
+    this.buffer.append(s, frame);
+    this.setState({ s });
+    const ws = this.state.status === "ready" ? this.socket() : undefined;
+    ws?.send(frame);
+  }
+
+  private send(ws: WebSocket, frame: ServerFrame): void {
+    ws.send(JSON.stringify(frame));
+  }
+
+  private close(ws: WebSocket, code: CloseCode, reason: string): Promise<void> {
+    try {
+      ws.close(code, reason);
+    } catch {
+      // already closing
+    }
+    return this.disconnected(code);
+  }
+
+  private async disconnected(code: number): Promise<void> {
+    const { status } = this.state;
+    if (status === "connecting") {
+      this.wipe();
+      return;
+    }
+    if (status !== "ready") return;
+    if (ENDS_SESSION(code)) return this.end();
+    this.setState({ status: "disconnected", resumeDeadline: Date.now() + RESUME_WINDOW_MS });
+    this.scheduleAlarm();
+  }
+
+  /** The session is over: leave every guild and the user directory, then forget everything. */
+  private async end(): Promise<void> {
+    const { sessionId, userId } = this.state;
+    const guildIds = this.guildSeqs().map((position) => position.guildId);
+    this.setState({ status: "ended" });
+    const ws = this.socket();
+    if (ws) ws.close(CloseCode.NORMAL, "session ended");
+    await Promise.allSettled([
+      ...guildIds.map((id) => this.guild(id).unsubscribe(sessionId)),
+      this.user(userId).detachSession(sessionId),
+      ...(sessionId !== this.selfId ? [this.sessionStub(sessionId)?.release()] : []),
+    ]);
+    this.wipe();
+  }
+
+  private wipe(): void {
+    this.state = { ...this.state, status: "ended" };
+    void this.ctx.storage.deleteAlarm();
+    void this.ctx.storage.deleteAll();
+  }
+
+  private extendHeartbeat(): void {
+    this.setState({ heartbeatDeadline: Date.now() + this.heartbeatInterval * HEARTBEAT_TIMEOUT_FACTOR });
+    this.scheduleAlarm();
+  }
+
+  private scheduleAlarm(): void {
+    const { status, heartbeatDeadline, resumeDeadline } = this.state;
+    const at = status === "disconnected" ? resumeDeadline : status === "ready" || status === "connecting" ? heartbeatDeadline : 0;
+    if (at > 0) void this.ctx.storage.setAlarm(at);
+  }
+
+  private withinRateLimit(): boolean {
+    const now = Date.now();
+    if (now - this.frameWindowStart >= RATE_LIMIT_WINDOW_MS) {
+      this.frameWindowStart = now;
+      this.framesInWindow = 0;
+    }
+    return ++this.framesInWindow <= RATE_LIMIT_FRAMES;
+  }
+
+  private setState(patch: Partial<State>): void {
+    this.state = { ...this.state, ...patch };
+    this.sql.exec("INSERT OR REPLACE INTO state (id, data) VALUES (0, ?)", JSON.stringify(this.state));
+  }
+
+  private guildSeq(guildId: string): number | undefined {
+    return this.sql.exec<{ last_seq: number }>("SELECT last_seq FROM guilds WHERE guild_id = ?", guildId).toArray()[0]?.last_seq;
+  }
+
+  private setGuildSeq(guildId: string, lastSeq: number): void {
+    this.sql.exec("INSERT OR REPLACE INTO guilds (guild_id, last_seq) VALUES (?, ?)", guildId, lastSeq);
+  }
+
+  private guildSeqs(): GuildPosition[] {
+    return this.sql
+      .exec<{ guild_id: string; last_seq: number }>("SELECT guild_id, last_seq FROM guilds ORDER BY guild_id")
+      .toArray()
+      .map((row) => ({ guildId: row.guild_id, lastSeq: row.last_seq }));
+  }
+
+  private socket(): WebSocket | undefined {
+    return this.ctx.getWebSockets()[0];
+  }
+
+  private guild(guildId: string) {
+    return this.env.GUILD.get(this.env.GUILD.idFromName(guildId));
+  }
+
+  private user(userId: string) {
+    return this.env.USER.get(this.env.USER.idFromName(userId));
+  }
+
+  private sessionStub(id: string) {
+    try {
+      return this.env.SESSION.get(this.env.SESSION.idFromString(id));
+    } catch {
+      return null; // not an id this namespace could have made
+    }
+  }
+}

@@ -1,0 +1,87 @@
+/** A WebSocket client inside workerd (SELF.fetch upgrade), recording every frame it receives. */
+import { SELF, env } from "cloudflare:test";
+import { signToken } from "../../src/api/auth.ts";
+
+export interface Frame {
+  op: number;
+  d?: unknown;
+  s?: number;
+  t?: string;
+}
+
+export async function token(userId: string, admin = false): Promise<string> {
+  return signToken(env.AUTH_SECRET!, { sub: userId, role: admin ? "admin" : "user", exp: Math.floor(Date.now() / 1000) + 3600 });
+}
+
+export async function api(method: string, path: string, as: string, body?: unknown): Promise<Response> {
+  return SELF.fetch(`http://gateway.test${path}`, {
+    method,
+    headers: { Authorization: `Bearer ${await token(as, as === "admin")}` },
+    ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+  });
+}
+
+export async function addMember(guildId: string, userId: string): Promise<void> {
+  const response = await api("PUT", `/api/guilds/${guildId}/members/${userId}`, "admin");
+  if (!response.ok) throw new Error(`add member: ${response.status} ${await response.text()}`);
+}
+
+export async function post(guildId: string, as: string, content: string): Promise<{ seq: number }> {
+  const response = await api("POST", `/api/guilds/${guildId}/messages`, as, { content });
+  if (response.status !== 201) throw new Error(`post: ${response.status} ${await response.text()}`);
+  return response.json();
+}
+
+export class TestClient {
+  readonly frames: Frame[] = [];
+  closed: { code: number; reason: string } | null = null;
+
+  private constructor(readonly ws: WebSocket) {
+    ws.addEventListener("message", (event) => {
+      this.frames.push(JSON.parse(event.data as string) as Frame);
+    });
+    ws.addEventListener("close", (event) => {
+      this.closed = { code: event.code, reason: event.reason };
+    });
+  }
+
+  static async connect(): Promise<TestClient> {
+    const response = await SELF.fetch("http://gateway.test/gateway", { headers: { Upgrade: "websocket" } });
+    const ws = response.webSocket;
+    if (!ws) throw new Error(`no websocket: ${response.status}`);
+    ws.accept();
+    return new TestClient(ws);
+  }
+
+  dispatches(t?: string): Frame[] {
+    return this.frames.filter((f) => f.op === 0 && (t === undefined || f.t === t));
+  }
+
+  send(frame: unknown): void {
+    this.ws.send(typeof frame === "string" ? frame : JSON.stringify(frame));
+  }
+
+  async waitFor<T>(predicate: () => T | undefined | null | false, what: string, timeoutMs = 5000): Promise<T> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const value = predicate();
+      if (value) return value;
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last frames ${JSON.stringify(this.frames.slice(-3))}`);
+      await scheduler.wait(5);
+    }
+  }
+
+  async identify(userId: string): Promise<string> {
+    await this.waitFor(() => this.frames.find((f) => f.op === 10), "HELLO");
+    this.send({ op: 2, d: { token: await token(userId) } });
+    const ready = await this.waitFor(() => this.dispatches("READY")[0], "READY");
+    return (ready.d as { session_id: string }).session_id;
+  }
+
+  messageSeqs(guildId?: string): number[] {
+    return this.dispatches("MESSAGE_CREATE")
+      .map((f) => f.d as { seq: number; guild_id: string })
+      .filter((m) => guildId === undefined || m.guild_id === guildId)
+      .map((m) => m.seq);
+  }
+}

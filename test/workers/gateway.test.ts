@@ -1,0 +1,124 @@
+import { env, evictDurableObject, runInDurableObject } from "cloudflare:test";
+import { describe, expect, it } from "vitest";
+import type { Guild } from "../../src/guild/guild.ts";
+import type { Session } from "../../src/session/session.ts";
+import { TestClient, addMember, api, post, token } from "./gateway-client.ts";
+
+const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
+const sessionStub = (sessionId: string) => env.SESSION.get(env.SESSION.idFromString(sessionId));
+
+describe("sessions over real WebSockets in workerd", () => {
+  it("keep working across hibernation: the socket stays open and state survives", async () => {
+    await addMember("hib", "hib-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("hib-user");
+    await post("hib", "hib-user", "before");
+    await client.waitFor(() => client.messageSeqs().length === 1, "first message");
+
+    await evictDurableObject(sessionStub(sessionId), { webSockets: "hibernate" });
+    await post("hib", "hib-user", "after hibernation");
+    await client.waitFor(() => client.messageSeqs().length === 2, "message after hibernation");
+    expect(client.dispatches().map((f) => f.s)).toEqual([1, 2, 3]);
+
+    client.send({ op: 1, d: 3 });
+    await client.waitFor(() => client.frames.some((f) => f.op === 11), "heartbeat ACK after hibernation");
+    expect(client.closed).toBeNull();
+  });
+
+  it("keep receiving after the guild object is evicted (subscriptions are persisted)", async () => {
+    await addMember("evict", "ev-user");
+    const client = await TestClient.connect();
+    await client.identify("ev-user");
+    await post("evict", "ev-user", "one");
+    await client.waitFor(() => client.messageSeqs().length === 1, "first");
+    await evictDurableObject(guildStub("evict"));
+    await post("evict", "ev-user", "two");
+    await client.waitFor(() => client.messageSeqs().length === 2, "second after guild eviction");
+    expect(client.messageSeqs()).toEqual([1, 2]);
+  });
+
+  it("fill a gap in a guild's seq by pulling the missing events, in order", async () => {
+    await addMember("gap", "gap-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("gap-user");
+    // Lose the session's subscription in the guild's memory only, as a guild restart would lose
+    // what was queued; the messages are still in the log.
+    const target = await runInDurableObject(guildStub("gap"), (guild: Guild) => {
+      const fanout = (guild as unknown as { fanout: { remove(id: string): { target: string } | undefined } }).fanout;
+      return fanout.remove(sessionId)!.target;
+    });
+    await post("gap", "gap-user", "missed 1");
+    await post("gap", "gap-user", "missed 2");
+    await runInDurableObject(guildStub("gap"), (guild: Guild) => {
+      (guild as unknown as { fanout: { add(s: string, u: string, t: string): void } }).fanout.add(sessionId, "gap-user", target);
+    });
+    await post("gap", "gap-user", "delivered");
+    await client.waitFor(() => client.messageSeqs().length === 3, "all three messages");
+    expect(client.messageSeqs()).toEqual([1, 2, 3]);
+    expect(client.dispatches().map((f) => f.s)).toEqual([1, 2, 3, 4]);
+  });
+});
+
+describe("fanout", () => {
+  it("is not stalled or failed by a session object that throws; the broken one is dropped", async () => {
+    const guildId = "throwing";
+    const users = ["t1", "t2", "t3"];
+    for (const user of users) await addMember(guildId, user);
+    const clients = await Promise.all(users.map(() => TestClient.connect()));
+    const sessionIds = await Promise.all(clients.map((client, i) => client.identify(users[i]!)));
+
+    // Make the second session's object fail every delivery RPC.
+    await runInDurableObject(sessionStub(sessionIds[1]!), (session: Session) => {
+      (session as unknown as { deliver: () => Promise<void> }).deliver = async () => {
+        throw new Error("session exploded during fanout");
+      };
+    });
+
+    for (let i = 0; i < 5; i++) {
+      const response = await api("POST", `/api/guilds/${guildId}/messages`, "t1", { content: `m${i}` });
+      expect(response.status).toBe(201);
+    }
+    for (const i of [0, 2]) {
+      await clients[i]!.waitFor(() => clients[i]!.messageSeqs().length === 5, `client ${i} gets all five`);
+      expect(clients[i]!.messageSeqs()).toEqual([1, 2, 3, 4, 5]);
+    }
+    // Retries back off (50, 200, 800 ms) and then the subscription is dropped.
+    const subscribed = async () =>
+      runInDurableObject(guildStub(guildId), (guild: Guild) =>
+        (guild as unknown as { ctx: DurableObjectState }).ctx.storage.sql
+          .exec<{ session_id: string }>("SELECT session_id FROM subscriptions")
+          .toArray()
+          .map((r) => r.session_id),
+      );
+    const deadline = Date.now() + 5000;
+    while ((await subscribed()).includes(sessionIds[1]!) && Date.now() < deadline) await scheduler.wait(50);
+    expect((await subscribed()).sort()).toEqual([sessionIds[0]!, sessionIds[2]!].sort());
+    expect(clients[1]!.messageSeqs()).toEqual([]);
+
+    const timings = await (await api("GET", `/api/guilds/${guildId}/timings`, "admin")).json<{ minutes: { actions: Record<string, { count: number }> }[] }>();
+    const created = timings.minutes.reduce((n, m) => n + (m.actions.message_create?.count ?? 0), 0);
+    expect(created).toBe(5);
+  });
+});
+
+describe("bad input", () => {
+  it("closes with the contract's code and leaves the session resumable with nothing lost", async () => {
+    await addMember("bad", "bad-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("bad-user");
+    await post("bad", "bad-user", "kept 1");
+    await client.waitFor(() => client.messageSeqs().length === 1, "first");
+    client.send("{not json");
+    await client.waitFor(() => client.closed, "close");
+    expect(client.closed!.code).toBe(4002);
+    await post("bad", "bad-user", "kept 2");
+
+    const resumed = await TestClient.connect();
+    await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
+    resumed.send({ op: 6, d: { token: await token("bad-user"), session_id: sessionId, seq: 2 } });
+    await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    expect(resumed.messageSeqs()).toEqual([2]);
+    const history = await (await api("GET", "/api/guilds/bad/messages", "bad-user")).json<{ content: string }[]>();
+    expect(history.map((m) => m.content)).toEqual(["kept 1", "kept 2"]);
+  });
+});

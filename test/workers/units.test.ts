@@ -1,0 +1,174 @@
+import { describe, expect, it } from "vitest";
+import { signToken, verifyToken } from "../../src/api/auth.ts";
+import { parseClientFrame } from "../../src/gateway/frames.ts";
+import { CloseCode } from "../../src/gateway/protocol.ts";
+import type { GuildEvent } from "../../src/guild/events.ts";
+import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
+import { Timings } from "../../src/guild/timings.ts";
+import type { Incoming } from "../../src/transport/index.ts";
+
+const SECRET = "unit-test-secret-0123456789";
+
+describe("tokens", () => {
+  it("round-trips claims and rejects tampering, other secrets and expiry", async () => {
+    const exp = Math.floor(Date.now() / 1000) + 60;
+    const token = await signToken(SECRET, { sub: "u1", role: "admin", exp });
+    expect(await verifyToken(SECRET, token)).toEqual({ sub: "u1", role: "admin", exp });
+    expect(await verifyToken("another-secret-0123456789", token)).toBeNull();
+    const [payload, signature] = token.split(".");
+    const forged = btoa(JSON.stringify({ sub: "u1", role: "admin", exp: exp + 1000 })).replace(/=+$/, "");
+    expect(await verifyToken(SECRET, `${forged}.${signature}`)).toBeNull();
+    expect(await verifyToken(SECRET, `${payload}.${signature}x`)).toBeNull();
+    expect(await verifyToken(SECRET, token, (exp + 1) * 1000)).toBeNull();
+    for (const junk of ["", ".", "a.b.c", 42, null, "x".repeat(5000)]) expect(await verifyToken(SECRET, junk)).toBeNull();
+  });
+
+  it("refuses signed claims of the wrong shape", async () => {
+    const exp = Math.floor(Date.now() / 1000) + 60;
+    expect(await verifyToken(SECRET, await signToken(SECRET, { sub: "bad id!", role: "user", exp }))).toBeNull();
+    expect(await verifyToken(SECRET, await signToken(SECRET, { sub: "u1", role: "root" as "admin", exp }))).toBeNull();
+  });
+});
+
+describe("parseClientFrame", () => {
+  it.each([
+    ["binary", new ArrayBuffer(4), CloseCode.DECODE_ERROR],
+    ["not JSON", "{nope", CloseCode.DECODE_ERROR],
+    ["an array", "[1]", CloseCode.DECODE_ERROR],
+    ["a number", "3", CloseCode.DECODE_ERROR],
+    ["over 16 KiB", JSON.stringify({ op: 1, d: null, pad: "x".repeat(16 * 1024) }), CloseCode.DECODE_ERROR],
+    ["over 16 KiB in UTF-8 only", JSON.stringify({ op: 1, d: null, pad: "é".repeat(8200) }), CloseCode.DECODE_ERROR],
+    ["unknown opcode", '{"op":42}', CloseCode.UNKNOWN_OPCODE],
+    ["missing opcode", '{"d":1}', CloseCode.UNKNOWN_OPCODE],
+    ["identify without token", '{"op":2,"d":{}}', CloseCode.DECODE_ERROR],
+    ["resume with a negative seq", '{"op":6,"d":{"token":"t","session_id":"s","seq":-1}}', CloseCode.DECODE_ERROR],
+    ["heartbeat with a string", '{"op":1,"d":"x"}', CloseCode.DECODE_ERROR],
+  ])("rejects %s", (_name, data, code) => {
+    const result = parseClientFrame(data);
+    expect(result.ok).toBe(false);
+    if (!result.ok) expect(result.code).toBe(code);
+  });
+
+  it("marks server-only opcodes so the session can answer 4003 before IDENTIFY", () => {
+    expect(parseClientFrame('{"op":11}')).toMatchObject({ ok: false, code: CloseCode.UNKNOWN_OPCODE, serverOnly: true });
+  });
+
+  it("accepts the client opcodes", () => {
+    expect(parseClientFrame('{"op":1,"d":null}')).toEqual({ ok: true, frame: { op: 1, d: null } });
+    expect(parseClientFrame('{"op":1,"d":7}')).toEqual({ ok: true, frame: { op: 1, d: 7 } });
+    expect(parseClientFrame('{"op":2,"d":{"token":"t","extra":1}}')).toEqual({ ok: true, frame: { op: 2, d: { token: "t" } } });
+    expect(parseClientFrame('{"op":6,"d":{"token":"t","session_id":"s","seq":3}}')).toEqual({
+      ok: true,
+      frame: { op: 6, d: { token: "t", session_id: "s", seq: 3 } },
+    });
+  });
+});
+
+describe("Timings", () => {
+  it("counts per minute and action and keeps only the last 60 minutes", () => {
+    const timings = new Timings();
+    const t0 = Date.UTC(2026, 0, 1, 12, 0, 5);
+    timings.record("message_create", 4, t0);
+    timings.record("message_create", 10, t0 + 1000);
+    timings.record("subscribe", 1, t0 + 61_000);
+    expect(timings.snapshot(t0 + 61_000)).toEqual([
+      { minute: "2026-01-01T12:00:00.000Z", actions: { message_create: { count: 2, totalMs: 14, maxMs: 10 } } },
+      { minute: "2026-01-01T12:01:00.000Z", actions: { subscribe: { count: 1, totalMs: 1, maxMs: 1 } } },
+    ]);
+    timings.record("history", 2, t0 + 60 * 60_000);
+    expect(timings.snapshot(t0 + 60 * 60_000).map((m) => m.minute)).toEqual(["2026-01-01T12:01:00.000Z", "2026-01-01T13:00:00.000Z"]);
+  });
+});
+
+describe("Fanout", () => {
+  const event = (seq: number): GuildEvent => ({
+    type: "MESSAGE_CREATE",
+    seq,
+    message: { id: `m${seq}`, guild_id: "g", author_id: "a", content: "x", seq, timestamp: "" },
+  });
+  const seqs = (events: Incoming<GuildEvent>[]) => events.map((e) => (e as GuildEvent).seq);
+
+  function harness(maxInFlight: number, fail: (sessionId: string, attempt: number) => boolean = () => false) {
+    const sent: { sessionId: string; seqs: number[] }[] = [];
+    const dropped: string[] = [];
+    const pending: (() => void)[] = [];
+    const attempts = new Map<string, number>();
+    let inFlight = 0;
+    let maxSeen = 0;
+    const fanout = new Fanout<unknown>({
+      maxInFlight,
+      maxAttempts: 3,
+      retryDelayMs: () => 1,
+      send: (recipient: Recipient<unknown>, events) => {
+        inFlight++;
+        maxSeen = Math.max(maxSeen, inFlight);
+        const attempt = (attempts.get(recipient.sessionId) ?? 0) + 1;
+        attempts.set(recipient.sessionId, attempt);
+        return new Promise<void>((resolve, reject) => {
+          pending.push(() => {
+            inFlight--;
+            if (fail(recipient.sessionId, attempt)) return reject(new Error("unreachable"));
+            sent.push({ sessionId: recipient.sessionId, seqs: seqs(events) });
+            resolve();
+          });
+        });
+      },
+      drop: (recipient) => dropped.push(recipient.sessionId),
+    });
+    const settle = async () => {
+      for (let rounds = 0; rounds < 1000 && (pending.length > 0 || fanout.pendingRpcs > 0); rounds++) {
+        pending.splice(0).forEach((release) => release());
+        await new Promise((r) => setTimeout(r, 2));
+      }
+    };
+    return { fanout, sent, dropped, settle, maxInFlight: () => maxSeen };
+  }
+
+  it("coalesces what queues up while an RPC is in flight, in order", async () => {
+    const h = harness(10);
+    h.fanout.add("s1", "u1", "t1");
+    for (let seq = 1; seq <= 5; seq++) h.fanout.publish(() => event(seq));
+    await h.settle();
+    expect(h.sent).toEqual([
+      { sessionId: "s1", seqs: [1] },
+      { sessionId: "s1", seqs: [2, 3, 4, 5] },
+    ]);
+  });
+
+  it("never has more RPCs in flight than allowed, and everyone gets everything", async () => {
+    const h = harness(3);
+    for (let i = 0; i < 20; i++) h.fanout.add(`s${i}`, `u${i}`, `t${i}`);
+    for (let seq = 1; seq <= 4; seq++) h.fanout.publish(() => event(seq));
+    await h.settle();
+    expect(h.maxInFlight()).toBe(3);
+    for (let i = 0; i < 20; i++) {
+      expect(h.sent.filter((s) => s.sessionId === `s${i}`).flatMap((s) => s.seqs)).toEqual([1, 2, 3, 4]);
+    }
+  });
+
+  it("retries a failing recipient in order, and drops one that keeps failing without stalling others", async () => {
+    const h = harness(2, (sessionId, attempt) => (sessionId === "flaky" && attempt === 1) || sessionId === "dead");
+    for (const id of ["ok", "flaky", "dead"]) h.fanout.add(id, id, id);
+    h.fanout.publish(() => event(1));
+    h.fanout.publish(() => event(2));
+    await h.settle();
+    expect(h.sent.filter((s) => s.sessionId === "ok").flatMap((s) => s.seqs)).toEqual([1, 2]);
+    expect(h.sent.filter((s) => s.sessionId === "flaky").flatMap((s) => s.seqs)).toEqual([1, 2]);
+    expect(h.sent.some((s) => s.sessionId === "dead")).toBe(false);
+    expect(h.dropped).toEqual(["dead"]);
+    expect(h.fanout.get("dead")).toBeUndefined();
+  });
+
+  it("abandons the queue of a replaced recipient", async () => {
+    const h = harness(5);
+    h.fanout.add("s1", "u1", "old");
+    h.fanout.publish(() => event(1));
+    h.fanout.publish(() => event(2));
+    h.fanout.add("s1", "u1", "new", [event(2)]);
+    await h.settle();
+    expect(h.sent).toEqual([
+      { sessionId: "s1", seqs: [1] },
+      { sessionId: "s1", seqs: [2] },
+    ]);
+  });
+});

@@ -1,25 +1,34 @@
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
 
+/** A project that runs inside workerd, against the real Durable Objects of wrangler.toml. */
+function workersProject(name: string, options: { include?: string[]; exclude?: string[]; bindings?: Record<string, string> }) {
+  return {
+    plugins: [
+      cloudflareTest({
+        main: "./test/workers/worker.ts",
+        wrangler: { configPath: "./wrangler.toml" },
+        miniflare: {
+          durableObjects: { PROBE_SENDER: "ProbeSender", PROBE_RECEIVER: "ProbeReceiver" },
+          ...(options.bindings ? { bindings: options.bindings } : {}),
+        },
+      }),
+    ],
+    test: {
+      name,
+      include: options.include ?? ["test/workers/**/*.test.ts"],
+      exclude: options.exclude ?? [],
+      testTimeout: 30_000,
+    },
+  };
+}
+
 export default defineConfig({
   test: {
     projects: [
-      {
-        // Runs inside workerd, against the real Durable Objects of wrangler.toml.
-        plugins: [
-          cloudflareTest({
-            main: "./test/workers/worker.ts",
-            wrangler: { configPath: "./wrangler.toml" },
-            miniflare: {
-              durableObjects: {
-                PROBE_SENDER: "ProbeSender",
-                PROBE_RECEIVER: "ProbeReceiver",
-              },
-            },
-          }),
-        ],
-        test: { name: "workers", include: ["test/workers/**/*.test.ts"] },
-      },
+      workersProject("workers", { exclude: ["test/workers/**/*.bare.test.ts"] }),
+      // The same Worker deployed with TRANSPORT_MODE=bare, as during a rollout.
+      workersProject("workers-bare", { include: ["test/workers/**/*.bare.test.ts"], bindings: { TRANSPORT_MODE: "bare" } }),
       {
         // Starts the gateway as `npm start` does and talks to it over real sockets.
         test: {

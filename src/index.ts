@@ -7,7 +7,7 @@ export { User } from "./guild/user.ts";
 export { Session } from "./session/session.ts";
 
 export default {
-  fetch(request, env) {
-    return handleRequest(request, env);
+  fetch(request, env, ctx) {
+    return handleRequest(request, env, ctx);
   },
 } satisfies ExportedHandler<Env>;

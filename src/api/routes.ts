@@ -1,15 +1,22 @@
 import type { Env } from "../env.ts";
 import { isDevelopment } from "../env.ts";
 import type { GuildResult } from "../guild/events.ts";
-import { call } from "../transport/index.ts";
+import { call, parseTransportMode } from "../transport/index.ts";
 import { type Claims, DEFAULT_TOKEN_TTL_SECONDS, authSecret, isValidId, signToken, verifyToken } from "./auth.ts";
 import { HttpError, errorResponse, json, readJsonObject } from "./http.ts";
+import { withServerSpan } from "./tracing.ts";
+import { telemetryFor } from "../telemetry/index.ts";
 
 /**
  * The Worker's HTTP API (CONTRACT.md). Routes read top to bottom; every failure is an
  * `HttpError` turned into `{"error": {"code", "message"}}` in one place.
  */
-export async function handleRequest(request: Request, env: Env): Promise<Response> {
+export async function handleRequest(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
+  if (!new URL(request.url).pathname.startsWith("/api/")) return respond(request, env);
+  return withServerSpan(request, telemetryFor("guildwire-api", env), (promise) => ctx.waitUntil(promise), () => respond(request, env));
+}
+
+async function respond(request: Request, env: Env): Promise<Response> {
   try {
     return await route(request, env);
   } catch (error) {
@@ -63,7 +70,8 @@ async function route(request: Request, env: Env): Promise<Response> {
         if (typeof content !== "string" || content.length < 1 || content.length > 4000) {
           throw new HttpError(400, "invalid_content", "content must be a string of 1–4000 characters");
         }
-        const message = unwrap(await call(guild, "createMessage", { guildId, authorId: claims.sub, content }));
+        const mode = parseTransportMode(env.TRANSPORT_MODE);
+        const message = unwrap(await call(guild, "createMessage", { guildId, authorId: claims.sub, content }, { mode }));
         return json(message, 201);
       }
       const after = integerParam(url, "after", 0, 0, Number.MAX_SAFE_INTEGER);

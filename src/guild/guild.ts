@@ -1,7 +1,23 @@
 import { DurableObject } from "cloudflare:workers";
 import type { Env } from "../env.ts";
 import type { Message } from "../gateway/protocol.ts";
-import { type Incoming, handle } from "../transport/index.ts";
+import { SpanKind } from "@opentelemetry/api";
+import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
+import {
+  DEFAULT_FANOUT_SAMPLING,
+  type FanoutTier,
+  type HandleOptions,
+  type Incoming,
+  type TransportMode,
+  currentCarrier,
+  fanoutSampleRate,
+  handle,
+  keepSampled,
+  parseFanoutTiers,
+  parseTransportMode,
+  sampledSpanContext,
+  wrap,
+} from "../transport/index.ts";
 import {
   type GuildDelivery,
   type GuildEvent,
@@ -51,9 +67,18 @@ export class Guild extends DurableObject<Env> {
   private guildId: string | null;
   private lastSeq: number;
   private readonly authorBuckets = new Map<string, { tokens: number; at: number }>();
+  private readonly telemetry: Telemetry;
+  private readonly traced: HandleOptions;
+  private readonly transportMode: TransportMode;
+  private readonly fanoutTiers: FanoutTier[];
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
+    // A bad TRANSPORT_MODE or FANOUT_SAMPLING fails loudly here rather than tracing wrongly.
+    this.transportMode = parseTransportMode(env.TRANSPORT_MODE);
+    this.fanoutTiers = parseFanoutTiers(env.FANOUT_SAMPLING || DEFAULT_FANOUT_SAMPLING);
+    this.telemetry = telemetryFor("guildwire-guild", env);
+    this.traced = this.telemetry.handleOptions((promise) => ctx.waitUntil(promise));
     this.sql = ctx.storage.sql;
     this.sql.exec(`
       CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -134,6 +159,7 @@ export class Guild extends DurableObject<Env> {
         this.publish({ type: "MESSAGE_CREATE", seq: message.seq, message });
         return ok(message);
       }),
+      this.traced,
     );
   }
 
@@ -184,8 +210,46 @@ export class Guild extends DurableObject<Env> {
 
   // ---- internals --------------------------------------------------------------------------
 
+  /**
+   * Queues `event` for every subscribed session. Unsampled (the common case), every recipient
+   * gets the same bare object and tracing costs one context read. Sampled, a fanout span is
+   * recorded and each recipient keeps the sampled flag with the tier rate for this fanout's
+   * size: the chosen ones get one shared envelope (its carrier built once), the rest get the
+   * bare event and will create no spans.
+   */
   private publish(event: GuildEvent): void {
-    this.fanout.publish(() => event);
+    if (this.transportMode === "bare" || !sampledSpanContext()) {
+      this.fanout.publish(() => event);
+      return;
+    }
+    const recipients = this.fanout.size;
+    const rate = fanoutSampleRate(recipients, this.fanoutTiers);
+    this.telemetry.tracer.startActiveSpan(
+      "guild.fanout",
+      {
+        kind: SpanKind.PRODUCER,
+        attributes: {
+          "messaging.system": "guildwire",
+          "messaging.operation.type": "send",
+          "messaging.destination.name": this.guildId!,
+          "messaging.batch.message_count": recipients,
+          "guildwire.fanout.sample_rate": rate,
+          "guildwire.message.seq": event.seq,
+        },
+      },
+      (span) => {
+        const traceId = span.spanContext().traceId;
+        const envelope = wrap(event, { carrier: currentCarrier(), recipients });
+        let sampled = 0;
+        this.fanout.publish((recipient) => {
+          if (!keepSampled(traceId, recipient.sessionId, rate)) return event;
+          sampled++;
+          return envelope;
+        });
+        span.setAttribute("guildwire.fanout.sampled_recipients", sampled);
+        span.end();
+      },
+    );
   }
 
   private deliver(recipient: Recipient<SessionStub>, events: Incoming<GuildEvent>[]): Promise<void> {

@@ -15,7 +15,8 @@ import {
   type ServerFrame,
 } from "../gateway/protocol.ts";
 import type { GuildDelivery, GuildEvent } from "../guild/events.ts";
-import { handle } from "../transport/index.ts";
+import { type HandleOptions, handle } from "../transport/index.ts";
+import { telemetryFor } from "../telemetry/index.ts";
 import { ResumeBuffer } from "./resume-buffer.ts";
 
 /**
@@ -75,9 +76,12 @@ export class Session extends DurableObject<Env> {
   private serial: Promise<unknown> = Promise.resolve();
   private frameWindowStart = 0;
   private framesInWindow = 0;
+  /** Delivery spans (only for events that arrive with a sampled carrier) and their export. */
+  private readonly traced: HandleOptions;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
+    this.traced = telemetryFor("guildwire-session", env).handleOptions((promise) => ctx.waitUntil(promise));
     this.sql = ctx.storage.sql;
     this.sql.exec(`
       CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0), data TEXT NOT NULL);
@@ -265,13 +269,18 @@ export class Session extends DurableObject<Env> {
       let lastSeq = this.guildSeq(delivery.guildId);
       if (lastSeq === undefined) return;
       for (const incoming of delivery.events) {
-        lastSeq = await handle(incoming, "session.deliver", async (event) => {
-          if (event.seq <= lastSeq!) return lastSeq!;
-          let seq = lastSeq!;
-          if (event.seq > seq + 1) seq = await this.fillGap(delivery.guildId, seq, event.seq);
-          this.dispatchEvent(event);
-          return event.seq;
-        });
+        lastSeq = await handle(
+          incoming,
+          "session.deliver",
+          async (event) => {
+            if (event.seq <= lastSeq!) return lastSeq!;
+            let seq = lastSeq!;
+            if (event.seq > seq + 1) seq = await this.fillGap(delivery.guildId, seq, event.seq);
+            this.dispatchEvent(event);
+            return event.seq;
+          },
+          this.traced,
+        );
       }
       this.setGuildSeq(delivery.guildId, lastSeq);
     });

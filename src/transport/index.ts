@@ -2,7 +2,13 @@
  * The Transport: trace context carried inside messages between Durable Objects, only when
  * sampled. Depends on @opentelemetry/api only; knows nothing of guilds or sessions.
  */
-export { type Traceparent, parseTraceparent, isSampledTraceparent, formatTraceparent } from "./traceparent.ts";
+export {
+  type Traceparent,
+  parseTraceparent,
+  isSampledTraceparent,
+  isValidTraceparent,
+  formatTraceparent,
+} from "./traceparent.ts";
 export {
   type FanoutTier,
   DEFAULT_FANOUT_SAMPLING,

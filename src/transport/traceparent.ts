@@ -113,6 +113,14 @@ export function isSampledTraceparent(header: string | null | undefined): boolean
   return validateShape(header, start, end);
 }
 
+/** Is this a valid traceparent, sampled or not? Validates in place; allocates nothing. */
+export function isValidTraceparent(header: string | null | undefined): boolean {
+  if (typeof header !== "string") return false;
+  const start = trimmedStart(header);
+  const end = trimmedEnd(header, start);
+  return validateShape(header, start, end) && flagsAt(header, start + FLAGS_AT) >= 0;
+}
+
 /** Strict parser: `null` for anything the W3C spec says to ignore. */
 export function parseTraceparent(header: string): Traceparent | null {
   if (typeof header !== "string") return null;

@@ -1,6 +1,6 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { formatTraceparent, isSampledTraceparent, parseTraceparent } from "../../src/transport/index.ts";
+import { formatTraceparent, isSampledTraceparent, isValidTraceparent, parseTraceparent } from "../../src/transport/index.ts";
 
 const TRACE = "4bf92f3577b34da6a3ce929d0e0e4736";
 const SPAN = "00f067aa0ba902b7";
@@ -43,6 +43,7 @@ describe("parseTraceparent", () => {
     ["internal space", `00-${TRACE} -${SPAN}-01`],
   ])("rejects %s", (_name, header) => {
     expect(parseTraceparent(header)).toBeNull();
+    expect(isValidTraceparent(header)).toBe(false);
     expect(isSampledTraceparent(header)).toBe(false);
   });
 
@@ -101,6 +102,7 @@ describe("isSampledTraceparent (fast path)", () => {
     fc.assert(
       fc.property(fc.oneof(header, fc.string(), fc.string({ unit: "binary" })), (h) => {
         expect(isSampledTraceparent(h)).toBe(parseTraceparent(h)?.sampled ?? false);
+        expect(isValidTraceparent(h)).toBe(parseTraceparent(h) !== null);
       }),
       { numRuns: 20_000 },
     );

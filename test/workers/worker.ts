@@ -5,12 +5,15 @@
 import { DurableObject } from "cloudflare:workers";
 import { ROOT_CONTEXT, SpanStatusCode, TraceFlags, context, trace } from "@opentelemetry/api";
 import { type Incoming, call, cast, handle } from "../../src/transport/index.ts";
-import { installTestTracing } from "./tracing.ts";
+import { useSpanExporter } from "../../src/telemetry/index.ts";
+import { installTestTracing, recordedSpans } from "./tracing.ts";
 
 export * from "../../src/index.ts";
 export { default } from "../../src/index.ts";
 
 installTestTracing();
+// guildwire's own services record into the same in-memory exporter instead of exporting OTLP.
+useSpanExporter(recordedSpans);
 
 export interface ProbeEnv {
   PROBE_SENDER: DurableObjectNamespace<ProbeSender>;

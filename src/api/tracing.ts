@@ -1,0 +1,68 @@
+import { type Context, ROOT_CONTEXT, type Span, SpanKind, SpanStatusCode, context, trace } from "@opentelemetry/api";
+import type { Telemetry } from "../telemetry/index.ts";
+import { contextFromCarrier, isSampledTraceparent, isValidTraceparent, sanitizeCarrier } from "../transport/index.ts";
+
+/**
+ * Where an API request's trace comes from:
+ * - a `Context` holding the caller's span, when it sent a valid *sampled* traceparent (the only
+ *   case that is fully parsed: the flags byte decides first);
+ * - `null` when it sent a valid unsampled one: no spans here or anywhere downstream;
+ * - `undefined` when it sent none, or an invalid one (ignored): head sampling decides.
+ */
+export function incomingTraceContext(request: Request): Context | null | undefined {
+  const traceparent = request.headers.get("traceparent");
+  if (traceparent === null) return undefined;
+  if (isSampledTraceparent(traceparent)) {
+    return contextFromCarrier(sanitizeCarrier({ traceparent, tracestate: request.headers.get("tracestate") ?? undefined }));
+  }
+  return isValidTraceparent(traceparent) ? null : undefined;
+}
+
+/** `/api/guilds/g1/messages` → `/api/guilds/{guild_id}/messages`, for low-cardinality span names. */
+export function routeTemplate(pathname: string): string {
+  const parts = pathname.split("/");
+  if (parts[1] === "api" && parts[2] === "guilds") {
+    if (parts[3]) parts[3] = "{guild_id}";
+    if (parts[4] === "members" && parts[5]) parts[5] = "{user_id}";
+  }
+  return parts.join("/");
+}
+
+/**
+ * Runs `handler` inside the API's server span when the request is sampled, and exports the span
+ * in `waitUntil`. Unsampled requests run with no span and no context at all.
+ */
+export async function withServerSpan(
+  request: Request,
+  telemetry: Telemetry,
+  waitUntil: (promise: Promise<unknown>) => void,
+  handler: () => Promise<Response>,
+): Promise<Response> {
+  const parent = incomingTraceContext(request);
+  if (parent === null || !telemetry.enabled) return handler();
+  const url = new URL(request.url);
+  const route = routeTemplate(url.pathname);
+  const parentContext = parent ?? ROOT_CONTEXT;
+  const span: Span = telemetry.tracer.startSpan(
+    `${request.method} ${route}`,
+    {
+      kind: SpanKind.SERVER,
+      attributes: { "http.request.method": request.method, "http.route": route, "url.path": url.pathname },
+    },
+    parentContext,
+  );
+  if (!span.isRecording()) return handler();
+  try {
+    const response = await context.with(trace.setSpan(parentContext, span), handler);
+    span.setAttribute("http.response.status_code", response.status);
+    if (response.status >= 500) span.setStatus({ code: SpanStatusCode.ERROR });
+    return response;
+  } catch (error) {
+    span.recordException(error instanceof Error ? error : String(error));
+    span.setStatus({ code: SpanStatusCode.ERROR });
+    throw error;
+  } finally {
+    span.end();
+    waitUntil(telemetry.flush());
+  }
+}

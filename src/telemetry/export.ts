@@ -1,0 +1,63 @@
+import { OTLPExporter } from "@microlabs/otel-cf-workers";
+import { ExportResultCode } from "@opentelemetry/core";
+import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
+
+/** Spans held for export at most; beyond it the oldest are dropped (and counted). */
+const MAX_PENDING_SPANS = 5_000;
+
+/**
+ * Ended spans waiting for export, shared by every service in an isolate (the OTLP payload
+ * groups spans by their own resource, so one request carries api, guild and session spans).
+ *
+ * Why not @microlabs/otel-cf-workers' span processor: it exports a trace only once every span of
+ * that trace in the isolate has ended, never for Durable Object RPC methods or hibernated
+ * WebSocket handlers, and keeps a per-trace map it never prunes. Here, every ended span is
+ * exported within the invocation that ended it: callers hand `flush()` to `waitUntil`.
+ */
+export class SpanExportQueue {
+  private pending: ReadableSpan[] = [];
+  private inFlight: Promise<void> = Promise.resolve();
+  private scheduled: Promise<void> | null = null;
+  private dropped = 0;
+
+  constructor(private readonly exporter: SpanExporter) {}
+
+  push(span: ReadableSpan): void {
+    if (this.pending.length >= MAX_PENDING_SPANS) {
+      this.pending.shift();
+      this.dropped++;
+    }
+    this.pending.push(span);
+  }
+
+  /**
+   * Exports what has ended by the next turn of the event loop (so spans ending together go in
+   * one request). Resolves when that export is done; never rejects.
+   */
+  flush(): Promise<void> {
+    this.scheduled ??= new Promise<void>((resolve) => setTimeout(resolve, 0)).then(() => {
+      this.scheduled = null;
+      const spans = this.pending;
+      this.pending = [];
+      if (spans.length === 0) return this.inFlight;
+      this.inFlight = this.inFlight.then(() => this.export(spans));
+      return this.inFlight;
+    });
+    return this.scheduled;
+  }
+
+  private export(spans: ReadableSpan[]): Promise<void> {
+    return new Promise((resolve) => {
+      this.exporter.export(spans, (result) => {
+        if (result.code !== ExportResultCode.SUCCESS) {
+          console.warn(`trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, result.error?.message);
+        }
+        resolve();
+      });
+    });
+  }
+}
+
+export function otlpExporter(endpoint: string): SpanExporter {
+  return new OTLPExporter({ url: `${endpoint.replace(/\/+$/, "")}/v1/traces` }) as unknown as SpanExporter;
+}

@@ -1,0 +1,97 @@
+/**
+ * OpenTelemetry for guildwire: one tracer per service (`guildwire-api`, `guildwire-guild`,
+ * `guildwire-session`), spans only for sampled work, OTLP/HTTP export to
+ * `{OTEL_EXPORTER_OTLP_ENDPOINT}/v1/traces` within the invocation that ended them.
+ *
+ * Built from @microlabs/otel-cf-workers' parts (its span type and OTLP exporter) rather than its
+ * `instrument`/`instrumentDO` wrappers, which (rc.52) give Durable Object RPC methods and
+ * hibernated WebSocket handlers no spans and no export, build spans for unsampled requests,
+ * extract every incoming traceparent in full, keep a never-pruned per-trace map, and register
+ * one tracer provider per isolate — so the Worker and the objects sharing its isolate would all
+ * report one `service.name`. Our tracers are passed explicitly (no global provider).
+ */
+import { context } from "@opentelemetry/api";
+import { resourceFromAttributes } from "@opentelemetry/resources";
+import type { SpanExporter } from "@opentelemetry/sdk-trace-base";
+import type { HandleOptions } from "../transport/index.ts";
+import { AsyncLocalStorageContextManager } from "./context.ts";
+import { SpanExportQueue, otlpExporter } from "./export.ts";
+import { SampledTracer } from "./tracer.ts";
+
+export type ServiceName = "guildwire-api" | "guildwire-guild" | "guildwire-session";
+
+export interface TelemetryEnv {
+  OTEL_EXPORTER_OTLP_ENDPOINT?: string;
+  TRACE_SAMPLE_RATE?: string;
+}
+
+export class Telemetry {
+  readonly tracer: SampledTracer;
+
+  constructor(
+    readonly service: ServiceName,
+    private readonly queue: SpanExportQueue | null,
+    rootSampleRate: number,
+  ) {
+    const resource = resourceFromAttributes({
+      "service.name": service,
+      "service.namespace": "guildwire",
+      "cloud.provider": "cloudflare",
+      "telemetry.sdk.name": "@microlabs/otel-cf-workers",
+    });
+    this.tracer = new SampledTracer(resource, rootSampleRate, queue ? (span) => queue.push(span) : null);
+  }
+
+  get enabled(): boolean {
+    return this.queue !== null;
+  }
+
+  /** Exports every span ended so far; give the promise to `waitUntil`. Never rejects. */
+  flush(): Promise<void> {
+    return this.queue ? this.queue.flush() : Promise.resolve();
+  }
+
+  /** Options for the Transport's `handle`: spans recorded by this service, exported in `waitUntil`. */
+  handleOptions(waitUntil: (promise: Promise<unknown>) => void): HandleOptions {
+    return { tracer: this.tracer, onSpanEnd: () => waitUntil(this.flush()) };
+  }
+}
+
+/** Tests record spans in memory instead of exporting them. */
+let exporterOverride: SpanExporter | null = null;
+export function useSpanExporter(exporter: SpanExporter | null): void {
+  exporterOverride = exporter;
+  telemetries.clear();
+  queues.clear();
+}
+
+const queues = new Map<string, SpanExportQueue>();
+const telemetries = new Map<string, Telemetry>();
+
+/** Parses TRACE_SAMPLE_RATE (0..1); anything else is a configuration error. */
+export function parseSampleRate(value: string | undefined): number {
+  if (value === undefined || value === "") return 1;
+  const rate = Number(value);
+  if (!Number.isFinite(rate) || rate < 0 || rate > 1) throw new Error(`TRACE_SAMPLE_RATE is "${value}"; expected a number from 0 to 1`);
+  return rate;
+}
+
+/** The telemetry of one service, shared within the isolate. */
+export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry {
+  const endpoint = env.OTEL_EXPORTER_OTLP_ENDPOINT ?? "";
+  // Only the API starts traces; guilds and sessions continue them or do nothing.
+  const rootSampleRate = service === "guildwire-api" ? parseSampleRate(env.TRACE_SAMPLE_RATE) : 0;
+  const key = `${service}|${endpoint}|${rootSampleRate}`;
+  let telemetry = telemetries.get(key);
+  if (!telemetry) {
+    context.setGlobalContextManager(new AsyncLocalStorageContextManager()); // no-op if one is set
+    let queue = queues.get(endpoint) ?? null;
+    if (!queue && (exporterOverride || endpoint)) {
+      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint));
+      queues.set(endpoint, queue);
+    }
+    telemetry = new Telemetry(service, queue, rootSampleRate);
+    telemetries.set(key, telemetry);
+  }
+  return telemetry;
+}

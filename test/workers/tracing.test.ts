@@ -1,0 +1,152 @@
+import { SELF } from "cloudflare:test";
+import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
+import { beforeEach, describe, expect, it } from "vitest";
+import { fanoutSampleRate, keepSampled } from "../../src/transport/index.ts";
+import { TestClient, addMember, token } from "./gateway-client.ts";
+import { recordedSpans } from "./tracing.ts";
+
+const service = (span: ReadableSpan) => span.resource.attributes["service.name"];
+const ours = () => recordedSpans.getFinishedSpans().filter((s) => String(service(s)).startsWith("guildwire-"));
+
+function traceparent(traceId: string, sampled: boolean): string {
+  return `00-${traceId}-b7ad6b7169203331-${sampled ? "01" : "00"}`;
+}
+
+function randomTraceId(): string {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function postWithHeaders(guildId: string, as: string, headers: Record<string, string>): Promise<Response> {
+  return SELF.fetch(`http://gateway.test/api/guilds/${guildId}/messages`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${await token(as)}`, ...headers },
+    body: JSON.stringify({ content: "traced" }),
+  });
+}
+
+/** Connects `count` identified sessions of distinct members of `guildId`. */
+async function sessions(guildId: string, count: number): Promise<{ clients: TestClient[]; ids: string[] }> {
+  const users = Array.from({ length: count }, (_, i) => `${guildId}-u${i}`);
+  for (const user of users) await addMember(guildId, user);
+  const clients = await Promise.all(users.map(() => TestClient.connect()));
+  const ids = await Promise.all(clients.map((client, i) => client.identify(users[i]!)));
+  // Setting up members went through the API, which traces too: start each test from nothing.
+  await scheduler.wait(20);
+  recordedSpans.reset();
+  return { clients, ids };
+}
+
+async function waitForSpans(predicate: (spans: ReadableSpan[]) => boolean, what: string): Promise<ReadableSpan[]> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const spans = ours();
+    if (predicate(spans)) return spans;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; have ${spans.map((s) => `${service(s)}:${s.name}`).join(", ")}`);
+    await scheduler.wait(20);
+  }
+}
+
+beforeEach(() => recordedSpans.reset());
+
+describe("a sampled message is one trace: API → guild dispatch → fanout → sampled sessions", () => {
+  it.each([1, 5, 100])("to %i sessions", async (count) => {
+    const guildId = `traced-${count}`;
+    const { clients, ids } = await sessions(guildId, count);
+    const traceId = randomTraceId();
+    const response = await postWithHeaders(guildId, `${guildId}-u0`, { traceparent: traceparent(traceId, true) });
+    expect(response.status).toBe(201);
+    for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "the message");
+
+    const rate = fanoutSampleRate(count);
+    const chosen = ids.filter((id) => keepSampled(traceId, id, rate));
+    const spans = await waitForSpans(
+      (s) => s.filter((x) => x.name === "session.deliver").length === chosen.length && s.some((x) => x.name === "guild.fanout"),
+      "delivery spans",
+    );
+    expect(spans.every((s) => s.spanContext().traceId === traceId)).toBe(true);
+
+    const api = spans.find((s) => service(s) === "guildwire-api")!;
+    expect(api.name).toBe("POST /api/guilds/{guild_id}/messages");
+    expect(api.parentSpanContext?.spanId).toBe("b7ad6b7169203331");
+    const dispatch = spans.find((s) => s.name === "guild.dispatch")!;
+    expect(service(dispatch)).toBe("guildwire-guild");
+    expect(dispatch.parentSpanContext?.spanId).toBe(api.spanContext().spanId);
+    const fanout = spans.find((s) => s.name === "guild.fanout")!;
+    expect(service(fanout)).toBe("guildwire-guild");
+    expect(fanout.parentSpanContext?.spanId).toBe(dispatch.spanContext().spanId);
+    expect(fanout.attributes["messaging.batch.message_count"]).toBe(count);
+    expect(fanout.attributes["guildwire.fanout.sampled_recipients"]).toBe(chosen.length);
+
+    const deliveries = spans.filter((s) => s.name === "session.deliver");
+    for (const delivery of deliveries) {
+      expect(service(delivery)).toBe("guildwire-session");
+      expect(delivery.parentSpanContext?.spanId).toBe(fanout.spanContext().spanId);
+    }
+    if (count === 1) expect(deliveries).toHaveLength(1);
+  });
+
+  it("keeps the tier's share of recipients across many traces (100 sessions → 10%)", async () => {
+    const guildId = "tier-stats";
+    const { clients } = await sessions(guildId, 100);
+    const messages = 10;
+    for (let i = 0; i < messages; i++) {
+      expect((await postWithHeaders(guildId, `${guildId}-u${i}`, { traceparent: traceparent(randomTraceId(), true) })).status).toBe(201);
+    }
+    for (const client of clients) await client.waitFor(() => client.messageSeqs().length === messages, "all messages");
+    const isFanout = (x: ReadableSpan) => x.name === "guild.fanout";
+    const fanouts = (await waitForSpans((s) => s.filter(isFanout).length === messages, "fanout spans")).filter(isFanout);
+    const expected = fanouts.reduce((n, f) => n + Number(f.attributes["guildwire.fanout.sampled_recipients"]), 0);
+    const spans = await waitForSpans((s) => s.filter((x) => x.name === "session.deliver").length === expected, `${expected} delivery spans`);
+    const sampled = spans.filter((x) => x.name === "session.deliver").length;
+    // 1,000 recipient decisions at 10%: mean 100, sigma 9.5; 4 sigma never flakes and still catches a wrong tier.
+    expect(sampled).toBeGreaterThan(62);
+    expect(sampled).toBeLessThan(138);
+  });
+});
+
+describe("unsampled traffic costs nothing", () => {
+  it("creates no span anywhere for a valid unsampled traceparent, and still delivers", async () => {
+    const { clients } = await sessions("unsampled", 3);
+    const response = await postWithHeaders("unsampled", "unsampled-u0", { traceparent: traceparent(randomTraceId(), false) });
+    expect(response.status).toBe(201);
+    for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "the message");
+    await scheduler.wait(100);
+    expect(ours()).toEqual([]);
+  });
+
+  it("ignores an invalid traceparent: the request succeeds and starts its own trace", async () => {
+    const { clients } = await sessions("invalid-parent", 1);
+    const response = await postWithHeaders("invalid-parent", "invalid-parent-u0", { traceparent: "00-NOT-A-TRACEPARENT-01" });
+    expect(response.status).toBe(201);
+    await clients[0]!.waitFor(() => clients[0]!.messageSeqs().length === 1, "the message");
+    const spans = await waitForSpans((s) => s.some((x) => x.name === "session.deliver"), "a delivery span");
+    const api = spans.find((s) => service(s) === "guildwire-api")!;
+    expect(api.parentSpanContext).toBeUndefined();
+  });
+});
+
+describe("sessions never start traces, and carriers from outside are capped", () => {
+  it("records no root span in guild or session services", async () => {
+    const { clients } = await sessions("roots", 2);
+    await postWithHeaders("roots", "roots-u0", { traceparent: traceparent(randomTraceId(), true) });
+    await postWithHeaders("roots", "roots-u1", {});
+    for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 2, "both messages");
+    const spans = await waitForSpans((s) => s.filter((x) => x.name === "session.deliver").length >= 4, "deliveries");
+    for (const span of spans.filter((s) => service(s) !== "guildwire-api")) {
+      expect(span.parentSpanContext, `${span.name} must have a parent`).toBeDefined();
+    }
+  });
+
+  it("caps an oversize tracestate before it is forwarded to sessions", async () => {
+    const { clients } = await sessions("capped", 1);
+    const tracestate = Array.from({ length: 40 }, (_, i) => `k${i}=${"v".repeat(20)}`).join(",");
+    const response = await postWithHeaders("capped", "capped-u0", { traceparent: traceparent(randomTraceId(), true), tracestate });
+    expect(response.status).toBe(201);
+    await clients[0]!.waitFor(() => clients[0]!.messageSeqs().length === 1, "the message");
+    const spans = await waitForSpans((s) => s.some((x) => x.name === "session.deliver"), "delivery span");
+    const delivered = spans.find((s) => s.name === "session.deliver")!.spanContext().traceState!.serialize();
+    expect(delivered.length).toBeLessThanOrEqual(512);
+    expect(delivered.split(",").length).toBeLessThanOrEqual(32);
+    expect(delivered.split(",")[0]).toBe(`k0=${"v".repeat(20)}`);
+  });
+});

@@ -26,9 +26,14 @@ function workersProject(name: string, options: { include?: string[]; exclude?: s
 export default defineConfig({
   test: {
     projects: [
-      workersProject("workers", { exclude: ["test/workers/**/*.bare.test.ts"] }),
+      workersProject("workers", { exclude: ["test/workers/**/*.bare.test.ts", "test/workers/**/*.relay.test.ts"] }),
       // The same Worker deployed with TRANSPORT_MODE=bare, as during a rollout.
       workersProject("workers-bare", { include: ["test/workers/**/*.bare.test.ts"], bindings: { TRANSPORT_MODE: "bare" } }),
+      // Relays from 4 live sessions, 3 sessions per relay: small enough to test every transition.
+      workersProject("workers-relay", {
+        include: ["test/workers/**/*.relay.test.ts"],
+        bindings: { RELAY_THRESHOLD: "4", RELAY_SIZE: "3" },
+      }),
       {
         // Starts the gateway as `npm start` does and talks to it over real sockets.
         test: {

@@ -1,4 +1,5 @@
 import type { Guild } from "./guild/guild.ts";
+import type { Relay } from "./guild/relay.ts";
 import type { User } from "./guild/user.ts";
 import type { Session } from "./session/session.ts";
 
@@ -7,6 +8,7 @@ export interface Env {
   GUILD: DurableObjectNamespace<Guild>;
   SESSION: DurableObjectNamespace<Session>;
   USER: DurableObjectNamespace<User>;
+  RELAY: DurableObjectNamespace<Relay>;
   AUTH_SECRET?: string;
   ENVIRONMENT?: string;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string;
@@ -15,6 +17,14 @@ export interface Env {
   TRANSPORT_MODE?: string;
   /** Heartbeat interval sent in HELLO, in ms (default 41250); short values make timeouts testable. */
   HEARTBEAT_INTERVAL_MS?: string;
+  /** Live sessions at which a guild starts fanning out through relays (default 1000). */
+  RELAY_THRESHOLD?: string;
+  /** Sessions per relay (default 1000). */
+  RELAY_SIZE?: string;
+  /** RPCs in flight at once per guild or relay (default 64). */
+  FANOUT_MAX_IN_FLIGHT?: string;
+  /** `coalesce` (default) or `naive`: the benchmark's one-RPC-per-message baseline. */
+  FANOUT_STRATEGY?: string;
 }
 
 export const isDevelopment = (env: Pick<Env, "ENVIRONMENT">): boolean => env.ENVIRONMENT === "development";

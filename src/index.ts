@@ -3,6 +3,7 @@ import { handleRequest } from "./api/routes.ts";
 import type { Env } from "./env.ts";
 
 export { Guild } from "./guild/guild.ts";
+export { Relay } from "./guild/relay.ts";
 export { User } from "./guild/user.ts";
 export { Session } from "./session/session.ts";
 

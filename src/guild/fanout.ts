@@ -1,9 +1,10 @@
 import type { Incoming } from "../transport/index.ts";
 import type { GuildEvent } from "./events.ts";
 
-/** One live session subscribed to this guild, with the events waiting for it. */
+/** One recipient (a session, or a relay) with the events waiting for it. */
 export interface Recipient<Stub> {
-  readonly sessionId: string;
+  /** Session id, or relay key. */
+  readonly id: string;
   readonly userId: string;
   readonly target: string;
   stub: Stub | undefined;
@@ -24,6 +25,11 @@ export interface FanoutOptions<Stub> {
   maxAttempts?: number;
   /** Backoff before retry n (1-based), in ms. */
   retryDelayMs?: (attempt: number) => number;
+  /**
+   * `naive` is the baseline the benchmark compares against, what a first version does: one RPC
+   * per recipient per event, all at once, no coalescing, no bound, no retry.
+   */
+  strategy?: "coalesce" | "naive";
 }
 
 /**
@@ -55,9 +61,9 @@ export class Fanout<Stub> {
   }
 
   /** Adds or replaces a recipient. A replaced one's queue and in-flight RPC are abandoned. */
-  add(sessionId: string, userId: string, target: string, backlog: Incoming<GuildEvent>[] = []): Recipient<Stub> {
+  add(id: string, userId: string, target: string, backlog: Incoming<GuildEvent>[] = []): Recipient<Stub> {
     const recipient: Recipient<Stub> = {
-      sessionId,
+      id,
       userId,
       target,
       stub: undefined,
@@ -66,19 +72,23 @@ export class Fanout<Stub> {
       waiting: false,
       failures: 0,
     };
-    this.recipients.set(sessionId, recipient);
+    this.recipients.set(id, recipient);
     if (backlog.length > 0) this.schedule(recipient);
     return recipient;
   }
 
-  get(sessionId: string): Recipient<Stub> | undefined {
-    return this.recipients.get(sessionId);
+  get(id: string): Recipient<Stub> | undefined {
+    return this.recipients.get(id);
   }
 
-  remove(sessionId: string): Recipient<Stub> | undefined {
-    const recipient = this.recipients.get(sessionId);
-    this.recipients.delete(sessionId);
+  remove(id: string): Recipient<Stub> | undefined {
+    const recipient = this.recipients.get(id);
+    this.recipients.delete(id);
     return recipient;
+  }
+
+  clear(): void {
+    this.recipients.clear();
   }
 
   /** Every recipient of one user, e.g. to drop them when the user leaves the guild. */
@@ -92,6 +102,12 @@ export class Fanout<Stub> {
 
   /** Queues one event per recipient; `eventFor` decides what each one gets (bare or wrapped). */
   publish(eventFor: (recipient: Recipient<Stub>) => Incoming<GuildEvent>): void {
+    if (this.options.strategy === "naive") {
+      for (const recipient of this.recipients.values()) {
+        this.options.send(recipient, [eventFor(recipient)]).catch((error: unknown) => console.warn("naive fanout: send failed:", error));
+      }
+      return;
+    }
     for (const recipient of this.recipients.values()) {
       recipient.queue.push(eventFor(recipient));
       this.schedule(recipient);
@@ -99,7 +115,7 @@ export class Fanout<Stub> {
   }
 
   private isCurrent(recipient: Recipient<Stub>): boolean {
-    return this.recipients.get(recipient.sessionId) === recipient;
+    return this.recipients.get(recipient.id) === recipient;
   }
 
   private schedule(recipient: Recipient<Stub>): void {
@@ -129,7 +145,7 @@ export class Fanout<Stub> {
         if (recipient.failures >= this.maxAttempts) {
           this.finish(recipient);
           if (this.isCurrent(recipient)) {
-            this.recipients.delete(recipient.sessionId);
+            this.recipients.delete(recipient.id);
             this.options.drop(recipient, error);
           }
           return;

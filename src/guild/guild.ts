@@ -1,33 +1,13 @@
 import { DurableObject } from "cloudflare:workers";
 import type { Env } from "../env.ts";
 import type { Message } from "../gateway/protocol.ts";
-import { SpanKind } from "@opentelemetry/api";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
-import {
-  DEFAULT_FANOUT_SAMPLING,
-  type FanoutTier,
-  type HandleOptions,
-  type Incoming,
-  type TransportMode,
-  currentCarrier,
-  fanoutSampleRate,
-  handle,
-  keepSampled,
-  parseFanoutTiers,
-  parseTransportMode,
-  sampledSpanContext,
-  wrap,
-} from "../transport/index.ts";
-import {
-  type GuildDelivery,
-  type GuildEvent,
-  type GuildResult,
-  type MessageCreateEvent,
-  type Subscription,
-  fail,
-  ok,
-} from "./events.ts";
-import { Fanout, type Recipient } from "./fanout.ts";
+import { type HandleOptions, type Incoming, handle } from "../transport/index.ts";
+import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOptions } from "./delivery.ts";
+import { type GuildEvent, type GuildResult, type MessageCreateEvent, type Subscription, fail, ok } from "./events.ts";
+import { Fanout } from "./fanout.ts";
+import { publishEvent } from "./publish.ts";
+import type { Relay, RelayAssignment } from "./relay.ts";
 import { Timings } from "./timings.ts";
 
 export interface CreateMessage {
@@ -38,15 +18,13 @@ export interface CreateMessage {
 
 export const MAX_CONTENT_LENGTH = 4000;
 export const MAX_HISTORY_LIMIT = 100;
-/** Backlog replayed to a resuming session in one go; a longer gap is pulled by the session. */
-const MAX_BACKLOG = 1000;
+/** Events a session may pull in one go to fill a gap; a longer gap takes several pulls. */
+const MAX_PULL = 1000;
 /** Messages one author may post per second, and the burst allowed on top. */
 const AUTHOR_RATE_PER_SECOND = 10;
 const AUTHOR_BURST = 50;
-/** RPCs to sessions in flight at once per guild. */
-const FANOUT_MAX_IN_FLIGHT = 64;
 
-type SessionStub = DurableObjectStub<import("../session/session.ts").Session>;
+type RelayStub = DurableObjectStub<Relay>;
 
 interface MessageRow extends Record<string, SqlStorageValue> {
   seq: number;
@@ -56,27 +34,39 @@ interface MessageRow extends Record<string, SqlStorageValue> {
   timestamp: string;
 }
 
+interface Subscriber {
+  userId: string;
+  target: string;
+}
+
 /**
  * A guild: its members, its message log (`seq` +1 per message, persisted before it is
- * acknowledged) and the live sessions it fans out to.
+ * acknowledged) and the live sessions it fans out to — directly while it is small, through
+ * relays once it has `RELAY_THRESHOLD` live sessions.
  */
 export class Guild extends DurableObject<Env> {
   private readonly sql: SqlStorage;
-  private readonly timings = new Timings();
-  private readonly fanout: Fanout<SessionStub>;
-  private guildId: string | null;
-  private lastSeq: number;
-  private readonly authorBuckets = new Map<string, { tokens: number; at: number }>();
+  private readonly config: DeliveryConfig;
   private readonly telemetry: Telemetry;
   private readonly traced: HandleOptions;
-  private readonly transportMode: TransportMode;
-  private readonly fanoutTiers: FanoutTier[];
+  private readonly timings = new Timings();
+  private readonly authorBuckets = new Map<string, { tokens: number; at: number }>();
+  private guildId: string | null;
+  private lastSeq: number;
+  /** Every live session subscribed here (mirrors the `subscriptions` table). */
+  private readonly subscribers = new Map<string, Subscriber>();
+  /** Direct delivery to sessions, while there are no relays. */
+  private readonly sessions: Fanout<SessionStub>;
+  /** Delivery to relays, each serving the sessions `relayOf` maps to it. */
+  private readonly relays: Fanout<RelayStub>;
+  private relayCount: number;
+  /** After a restart in relay mode, relays are resynchronised before the next event. */
+  private relaysSynced = false;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
-    // A bad TRANSPORT_MODE or FANOUT_SAMPLING fails loudly here rather than tracing wrongly.
-    this.transportMode = parseTransportMode(env.TRANSPORT_MODE);
-    this.fanoutTiers = parseFanoutTiers(env.FANOUT_SAMPLING || DEFAULT_FANOUT_SAMPLING);
+    // A bad TRANSPORT_MODE, FANOUT_SAMPLING or relay setting fails loudly here.
+    this.config = deliveryConfig(env);
     this.telemetry = telemetryFor("guildwire-guild", env);
     this.traced = this.telemetry.handleOptions((promise) => ctx.waitUntil(promise));
     this.sql = ctx.storage.sql;
@@ -88,21 +78,34 @@ export class Guild extends DurableObject<Env> {
       );
       CREATE TABLE IF NOT EXISTS subscriptions (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, target TEXT NOT NULL);
     `);
-    this.guildId = (this.sql.exec<{ value: string }>("SELECT value FROM meta WHERE key = 'guild_id'").toArray()[0]?.value) ?? null;
+    this.guildId = this.meta("guild_id");
+    this.relayCount = Number(this.meta("relay_count") ?? 0);
     this.lastSeq = this.sql.exec<{ seq: number | null }>("SELECT MAX(seq) AS seq FROM messages").one().seq ?? 0;
-    this.fanout = new Fanout<SessionStub>({
-      maxInFlight: FANOUT_MAX_IN_FLIGHT,
-      send: (recipient, events) => this.deliver(recipient, events),
-      drop: (recipient, error) => {
-        console.warn(`guild ${this.guildId}: dropping unreachable session ${recipient.sessionId}:`, error);
-        this.sql.exec("DELETE FROM subscriptions WHERE session_id = ?", recipient.sessionId);
+    this.sessions = new Fanout<SessionStub>(
+      sessionFanoutOptions(env, this.config, () => this.guildId!, (recipient, error) => {
+        console.warn(`guild ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
+        this.forget(recipient.id);
+      }, (ms) => this.timings.record("fanout_rpc", ms)),
+    );
+    this.relays = new Fanout<RelayStub>({
+      maxInFlight: this.config.maxInFlight,
+      send: (relay, events) => {
+        relay.stub ??= this.env.RELAY.get(this.env.RELAY.idFromName(relay.target));
+        return relay.stub.publish(events);
+      },
+      // A relay is never dropped for good: the next event re-creates it (and resynchronises).
+      drop: (relay, error) => {
+        console.error(`guild ${this.guildId}: relay ${relay.target} unreachable:`, error);
+        this.relaysSynced = false;
       },
     });
-    // Subscriptions outlive eviction. What was queued in memory is not replayed here: a
-    // session that sees a gap in `seq` pulls the missing events itself (`eventsAfter`).
+    // Subscriptions outlive eviction. What was queued in memory is not replayed: a session that
+    // sees a gap in `seq` pulls the missing events itself (`eventsAfter`).
     for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM subscriptions")) {
-      this.fanout.add(row.session_id, row.user_id, row.target);
+      this.subscribers.set(row.session_id, { userId: row.user_id, target: row.target });
+      if (this.relayCount === 0) this.sessions.add(row.session_id, row.user_id, row.target);
     }
+    this.addRelayRecipients();
   }
 
   // ---- membership -------------------------------------------------------------------------
@@ -122,7 +125,7 @@ export class Guild extends DurableObject<Env> {
       if (!this.exists(guildId)) return fail(404, "unknown_guild", `guild ${guildId} does not exist`);
       const removed = this.sql.exec("DELETE FROM members WHERE user_id = ?", userId).rowsWritten > 0;
       // Stop deliveries before anyone is told, so no MESSAGE_CREATE follows GUILD_DELETE.
-      for (const recipient of this.fanout.recipientsOf(userId)) this.forget(recipient.sessionId);
+      for (const [sessionId, subscriber] of this.subscribers) if (subscriber.userId === userId) await this.forget(sessionId);
       await this.user(userId).removeGuild(guildId);
       return ok({ removed });
     });
@@ -179,12 +182,13 @@ export class Guild extends DurableObject<Env> {
   // ---- sessions ---------------------------------------------------------------------------
 
   /**
-   * Starts (or, on resume, moves) deliveries to a session. Returns the guild's current seq:
-   * a new session receives everything after it; a resuming one also gets what it missed.
+   * Starts (or, on resume, re-targets) deliveries to a session, and returns the guild's current
+   * seq: the session receives every event after it, and pulls (`eventsAfter`) anything between
+   * its own last seq and this one.
    */
   async subscribe(subscription: Subscription): Promise<GuildResult<{ lastSeq: number }>> {
-    return this.timings.time("subscribe", () => {
-      const { sessionId, userId, target, after } = subscription;
+    return this.timings.time("subscribe", async () => {
+      const { sessionId, userId, target } = subscription;
       if (!this.guildId || !this.isMember(userId)) return fail(403, "not_a_member", "not a member of this guild");
       this.sql.exec(
         "INSERT INTO subscriptions (session_id, user_id, target) VALUES (?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET target = excluded.target",
@@ -192,8 +196,16 @@ export class Guild extends DurableObject<Env> {
         userId,
         target,
       );
-      const backlog = after === undefined ? [] : this.messagesAfter(after, MAX_BACKLOG).map(toEvent);
-      this.fanout.add(sessionId, userId, target, backlog);
+      this.subscribers.set(sessionId, { userId, target });
+      if (this.relayCount > 0 && this.subscribers.size > this.relayCount * this.config.relaySize) {
+        await this.useRelays(this.relayCount * 2);
+      } else if (this.relayCount > 0) {
+        await this.relay(this.relayOf(sessionId)).assign(this.guildId, [{ sessionId, userId, target, backlog: [] }], []);
+      } else if (this.subscribers.size >= this.config.relayThreshold) {
+        await this.useRelays(Math.ceil(this.subscribers.size / this.config.relaySize) + 1);
+      } else {
+        this.sessions.add(sessionId, userId, target);
+      }
       return ok({ lastSeq: this.lastSeq });
     });
   }
@@ -202,73 +214,105 @@ export class Guild extends DurableObject<Env> {
     await this.timings.time("unsubscribe", () => this.forget(sessionId));
   }
 
-  /** Events after `after` (at most `limit`), for a session that found a gap. */
+  /** A relay could not reach a session: forget it here too. */
+  async dropSession(sessionId: string): Promise<void> {
+    await this.forget(sessionId);
+  }
+
+  /** Events after `after` (at most `limit`), for a subscribed session that found a gap. */
   async eventsAfter(sessionId: string, after: number, limit: number): Promise<GuildEvent[]> {
-    if (!this.fanout.get(sessionId)) return [];
-    return this.messagesAfter(after, Math.min(limit, MAX_BACKLOG)).map(toEvent);
+    if (!this.subscribers.has(sessionId)) return [];
+    return this.messagesAfter(after, Math.min(limit, MAX_PULL)).map(toEvent);
+  }
+
+  /** Live sessions and how they are reached, for operators and tests. */
+  async fanoutState(): Promise<{ sessions: number; relays: number }> {
+    return { sessions: this.subscribers.size, relays: this.relayCount };
   }
 
   // ---- internals --------------------------------------------------------------------------
 
-  /**
-   * Queues `event` for every subscribed session. Unsampled (the common case), every recipient
-   * gets the same bare object and tracing costs one context read. Sampled, a fanout span is
-   * recorded and each recipient keeps the sampled flag with the tier rate for this fanout's
-   * size: the chosen ones get one shared envelope (its carrier built once), the rest get the
-   * bare event and will create no spans.
-   */
   private publish(event: GuildEvent): void {
-    if (this.transportMode === "bare" || !sampledSpanContext()) {
-      this.fanout.publish(() => event);
+    if (this.relayCount > 0 && !this.relaysSynced) this.ctx.waitUntil(this.syncRelays());
+    const fanout = this.relayCount > 0 ? this.relays : this.sessions;
+    if (this.config.transportMode === "bare") {
+      fanout.publish(() => event);
       return;
     }
-    const recipients = this.fanout.size;
-    const rate = fanoutSampleRate(recipients, this.fanoutTiers);
-    this.telemetry.tracer.startActiveSpan(
-      "guild.fanout",
-      {
-        kind: SpanKind.PRODUCER,
-        attributes: {
-          "messaging.system": "guildwire",
-          "messaging.operation.type": "send",
-          "messaging.destination.name": this.guildId!,
-          "messaging.batch.message_count": recipients,
-          "guildwire.fanout.sample_rate": rate,
-          "guildwire.message.seq": event.seq,
-        },
-      },
-      (span) => {
-        const traceId = span.spanContext().traceId;
-        const envelope = wrap(event, { carrier: currentCarrier(), recipients });
-        let sampled = 0;
-        this.fanout.publish((recipient) => {
-          if (!keepSampled(traceId, recipient.sessionId, rate)) return event;
-          sampled++;
-          return envelope;
-        });
-        span.setAttribute("guildwire.fanout.sampled_recipients", sampled);
-        span.end();
-      },
-    );
-  }
-
-  private deliver(recipient: Recipient<SessionStub>, events: Incoming<GuildEvent>[]): Promise<void> {
-    recipient.stub ??= this.env.SESSION.get(this.env.SESSION.idFromString(recipient.target));
-    // The batch itself carries no trace context: each event in it is wrapped on its own.
-    const delivery: GuildDelivery = { guildId: this.guildId!, events };
-    const started = Date.now();
-    return recipient.stub.deliver(delivery).then(() => {
-      this.timings.record("fanout_rpc", Date.now() - started);
+    publishEvent<SessionStub | RelayStub>(fanout as Fanout<SessionStub | RelayStub>, event, {
+      tracer: this.telemetry.tracer,
+      tiers: this.config.tiers,
+      spanName: "guild.fanout",
+      guildId: this.guildId!,
+      recipients: this.subscribers.size,
+      recipientKind: this.relayCount > 0 ? "relays" : "sessions",
     });
   }
 
-  private forget(sessionId: string): void {
-    this.fanout.remove(sessionId);
+  /** Relay index of a session: a stable hash, so a session stays on its relay. */
+  private relayOf(sessionId: string): number {
+    let hash = 0x811c9dc5;
+    for (let i = 0; i < sessionId.length; i++) hash = Math.imul(hash ^ sessionId.charCodeAt(i), 0x01000193);
+    return (hash >>> 0) % this.relayCount;
+  }
+
+  private relayName(index: number): string {
+    return `${this.guildId}/relay/${index}`;
+  }
+
+  private relay(index: number): RelayStub {
+    return this.relays.get(this.relayName(index))?.stub ?? this.env.RELAY.get(this.env.RELAY.idFromName(this.relayName(index)));
+  }
+
+  private addRelayRecipients(): void {
+    this.relays.clear();
+    for (let i = 0; i < this.relayCount; i++) this.relays.add(this.relayName(i), "", this.relayName(i));
+  }
+
+  /**
+   * Moves every session onto `count` relays, with whatever was still queued for it. Sessions
+   * drop repeats and pull gaps by `seq`, so a move can never lose or reorder an event.
+   */
+  private async useRelays(count: number): Promise<void> {
+    const queued = new Map<string, Incoming<GuildEvent>[]>();
+    for (const recipient of this.sessions.all()) queued.set(recipient.id, recipient.queue);
+    this.sessions.clear();
+    this.relayCount = count;
+    this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('relay_count', ?)", String(count));
+    this.addRelayRecipients();
+    await this.syncRelays(queued);
+  }
+
+  /**
+   * Tells every relay exactly which sessions are its own; what a relay still had queued for a
+   * session that moved goes to the session's new relay.
+   */
+  private async syncRelays(queued = new Map<string, Incoming<GuildEvent>[]>()): Promise<void> {
+    this.relaysSynced = true;
+    const shares: RelayAssignment[][] = Array.from({ length: this.relayCount }, () => []);
+    const assignment = (sessionId: string, backlog: Incoming<GuildEvent>[]): RelayAssignment | null => {
+      const subscriber = this.subscribers.get(sessionId);
+      return subscriber ? { sessionId, ...subscriber, backlog } : null;
+    };
+    for (const sessionId of this.subscribers.keys()) shares[this.relayOf(sessionId)]!.push(assignment(sessionId, queued.get(sessionId) ?? [])!);
+    const released = (await Promise.all(shares.map((share, i) => this.relay(i).assign(this.guildId!, share, [], true)))).flat();
+    const moved = released.map((r) => assignment(r.sessionId, r.backlog)).filter((a) => a !== null && a.backlog.length > 0);
+    await Promise.all(moved.map((a) => this.relay(this.relayOf(a!.sessionId)).assign(this.guildId!, [a!], [])));
+  }
+
+  private async forget(sessionId: string): Promise<void> {
+    if (!this.subscribers.delete(sessionId)) return;
     this.sql.exec("DELETE FROM subscriptions WHERE session_id = ?", sessionId);
+    if (this.relayCount > 0) await this.relay(this.relayOf(sessionId)).assign(this.guildId!, [], [sessionId]);
+    else this.sessions.remove(sessionId);
   }
 
   private user(userId: string) {
     return this.env.USER.get(this.env.USER.idFromName(userId));
+  }
+
+  private meta(key: string): string | null {
+    return this.sql.exec<{ value: string }>("SELECT value FROM meta WHERE key = ?", key).toArray()[0]?.value ?? null;
   }
 
   /** Records this object's guild id the first time a member is added: that creates the guild. */

@@ -321,6 +321,7 @@ export class Session extends DurableObject<Env> {
           return null;
         }
         if (after === undefined) this.setGuildSeq(guildId, result.value.lastSeq);
+        else if (result.value.lastSeq > after) this.setGuildSeq(guildId, await this.fillGap(guildId, after, result.value.lastSeq + 1));
         return guildId;
       }),
     );
@@ -329,11 +330,15 @@ export class Session extends DurableObject<Env> {
 
   /** Pulls the events between `lastSeq` and `nextSeq` that never arrived; returns the new last seq. */
   private async fillGap(guildId: string, lastSeq: number, nextSeq: number): Promise<number> {
-    const missing = await this.guild(guildId).eventsAfter(this.state.sessionId, lastSeq, nextSeq - lastSeq - 1);
-    for (const event of missing) {
-      if (event.seq !== lastSeq + 1) break;
-      this.dispatchEvent(event);
-      lastSeq = event.seq;
+    while (lastSeq + 1 < nextSeq) {
+      const missing = await this.guild(guildId).eventsAfter(this.state.sessionId, lastSeq, nextSeq - lastSeq - 1);
+      const before = lastSeq;
+      for (const event of missing) {
+        if (event.seq !== lastSeq + 1) break;
+        this.dispatchEvent(event);
+        lastSeq = event.seq;
+      }
+      if (lastSeq === before) break; // the guild has nothing more for us (e.g. we were unsubscribed)
     }
     return lastSeq;
   }

@@ -44,13 +44,13 @@ describe("sessions over real WebSockets in workerd", () => {
     // Lose the session's subscription in the guild's memory only, as a guild restart would lose
     // what was queued; the messages are still in the log.
     const target = await runInDurableObject(guildStub("gap"), (guild: Guild) => {
-      const fanout = (guild as unknown as { fanout: { remove(id: string): { target: string } | undefined } }).fanout;
+      const fanout = (guild as unknown as { sessions: { remove(id: string): { target: string } | undefined } }).sessions;
       return fanout.remove(sessionId)!.target;
     });
     await post("gap", "gap-user", "missed 1");
     await post("gap", "gap-user", "missed 2");
     await runInDurableObject(guildStub("gap"), (guild: Guild) => {
-      (guild as unknown as { fanout: { add(s: string, u: string, t: string): void } }).fanout.add(sessionId, "gap-user", target);
+      (guild as unknown as { sessions: { add(s: string, u: string, t: string): void } }).sessions.add(sessionId, "gap-user", target);
     });
     await post("gap", "gap-user", "delivered");
     await client.waitFor(() => client.messageSeqs().length === 3, "all three messages");

@@ -102,18 +102,18 @@ describe("Fanout", () => {
       send: (recipient: Recipient<unknown>, events) => {
         inFlight++;
         maxSeen = Math.max(maxSeen, inFlight);
-        const attempt = (attempts.get(recipient.sessionId) ?? 0) + 1;
-        attempts.set(recipient.sessionId, attempt);
+        const attempt = (attempts.get(recipient.id) ?? 0) + 1;
+        attempts.set(recipient.id, attempt);
         return new Promise<void>((resolve, reject) => {
           pending.push(() => {
             inFlight--;
-            if (fail(recipient.sessionId, attempt)) return reject(new Error("unreachable"));
-            sent.push({ sessionId: recipient.sessionId, seqs: seqs(events) });
+            if (fail(recipient.id, attempt)) return reject(new Error("unreachable"));
+            sent.push({ sessionId: recipient.id, seqs: seqs(events) });
             resolve();
           });
         });
       },
-      drop: (recipient) => dropped.push(recipient.sessionId),
+      drop: (recipient) => dropped.push(recipient.id),
     });
     const settle = async () => {
       for (let rounds = 0; rounds < 1000 && (pending.length > 0 || fanout.pendingRpcs > 0); rounds++) {

@@ -1,0 +1,61 @@
+import type { Env } from "../env.ts";
+import type { Session } from "../session/session.ts";
+import { DEFAULT_FANOUT_SAMPLING, type FanoutTier, type Incoming, type TransportMode, parseFanoutTiers, parseTransportMode } from "../transport/index.ts";
+import type { GuildEvent } from "./events.ts";
+import type { FanoutOptions, Recipient } from "./fanout.ts";
+
+export type SessionStub = DurableObjectStub<Session>;
+
+/** How guilds and relays fan out, from the environment. A bad value fails loudly. */
+export interface DeliveryConfig {
+  transportMode: TransportMode;
+  tiers: FanoutTier[];
+  relayThreshold: number;
+  relaySize: number;
+  maxInFlight: number;
+  strategy: "coalesce" | "naive";
+}
+
+function positiveInteger(name: string, value: string | undefined, fallback: number): number {
+  if (value === undefined || value === "") return fallback;
+  const parsed = Number(value);
+  if (!Number.isSafeInteger(parsed) || parsed < 1) throw new Error(`${name} is "${value}"; expected a positive integer`);
+  return parsed;
+}
+
+export function deliveryConfig(env: Env): DeliveryConfig {
+  const strategy = env.FANOUT_STRATEGY || "coalesce";
+  if (strategy !== "coalesce" && strategy !== "naive") throw new Error(`FANOUT_STRATEGY is "${strategy}"; expected coalesce or naive`);
+  return {
+    transportMode: parseTransportMode(env.TRANSPORT_MODE),
+    tiers: parseFanoutTiers(env.FANOUT_SAMPLING || DEFAULT_FANOUT_SAMPLING),
+    relayThreshold: positiveInteger("RELAY_THRESHOLD", env.RELAY_THRESHOLD, 1000),
+    relaySize: positiveInteger("RELAY_SIZE", env.RELAY_SIZE, 1000),
+    maxInFlight: positiveInteger("FANOUT_MAX_IN_FLIGHT", env.FANOUT_MAX_IN_FLIGHT, 64),
+    strategy,
+  };
+}
+
+/**
+ * Fanout options that deliver to Session objects (used by guilds directly and by relays): one
+ * RPC carries every event queued for the session; the batch itself is bare, each event in it
+ * is wrapped or not on its own.
+ */
+export function sessionFanoutOptions(
+  env: Env,
+  config: DeliveryConfig,
+  guildId: () => string,
+  drop: (recipient: Recipient<SessionStub>, error: unknown) => void,
+  onSent?: (durationMs: number) => void,
+): FanoutOptions<SessionStub> {
+  return {
+    maxInFlight: config.maxInFlight,
+    strategy: config.strategy,
+    drop,
+    send: (recipient, events: Incoming<GuildEvent>[]) => {
+      recipient.stub ??= env.SESSION.get(env.SESSION.idFromString(recipient.target));
+      const started = Date.now();
+      return recipient.stub.deliver({ guildId: guildId(), events }).then(() => onSent?.(Date.now() - started));
+    },
+  };
+}

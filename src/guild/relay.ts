@@ -1,0 +1,119 @@
+import { DurableObject } from "cloudflare:workers";
+import { context } from "@opentelemetry/api";
+import type { Env } from "../env.ts";
+import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
+import { type Incoming, contextFromCarrier, normalize } from "../transport/index.ts";
+import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOptions } from "./delivery.ts";
+import type { GuildEvent, Subscription } from "./events.ts";
+import { Fanout } from "./fanout.ts";
+import { publishEvent } from "./publish.ts";
+
+/** A session moved onto a relay, with the events the guild had queued for it but not sent. */
+export interface RelayAssignment extends Subscription {
+  backlog: Incoming<GuildEvent>[];
+}
+
+/** Events a relay had queued for sessions it gives up, so the next holder can send them. */
+export interface Released {
+  sessionId: string;
+  backlog: Incoming<GuildEvent>[];
+}
+
+/**
+ * A relay fans one guild's events out to its share of the guild's sessions (Discord's answer to
+ * guilds too big for one process): the guild sends each event once per relay, each relay makes
+ * the per-session RPCs. Same coalescing, bounds and tiered sampling as a guild's direct fanout;
+ * its span is `relay.fanout` in the `guildwire-guild` service.
+ */
+export class Relay extends DurableObject<Env> {
+  private readonly sql: SqlStorage;
+  private readonly config: DeliveryConfig;
+  private readonly telemetry: Telemetry;
+  private readonly fanout: Fanout<SessionStub>;
+  private guildId = "";
+
+  constructor(ctx: DurableObjectState, env: Env) {
+    super(ctx, env);
+    this.config = deliveryConfig(env);
+    this.telemetry = telemetryFor("guildwire-guild", env);
+    this.sql = ctx.storage.sql;
+    this.sql.exec(`
+      CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+      CREATE TABLE IF NOT EXISTS members (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, target TEXT NOT NULL);
+    `);
+    this.guildId = this.sql.exec<{ value: string }>("SELECT value FROM meta WHERE key = 'guild_id'").toArray()[0]?.value ?? "";
+    this.fanout = new Fanout<SessionStub>(
+      sessionFanoutOptions(env, this.config, () => this.guildId, (recipient, error) => {
+        console.warn(`relay for ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
+        this.sql.exec("DELETE FROM members WHERE session_id = ?", recipient.id);
+        this.ctx.waitUntil(this.guild().dropSession(recipient.id).catch(() => undefined));
+      }),
+    );
+    for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM members")) {
+      this.fanout.add(row.session_id, row.user_id, row.target);
+    }
+  }
+
+  /**
+   * Adds (or re-targets) sessions and removes others; returns what was still queued for the
+   * removed ones. With `replace`, every session not in `add` is removed (used to resynchronise).
+   */
+  async assign(guildId: string, add: RelayAssignment[], remove: string[], replace = false): Promise<Released[]> {
+    if (this.guildId !== guildId) {
+      this.guildId = guildId;
+      this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('guild_id', ?)", guildId);
+    }
+    const removing = replace ? [...this.fanout.all()].map((r) => r.id).filter((id) => !add.some((a) => a.sessionId === id)) : remove;
+    const released: Released[] = [];
+    for (const sessionId of removing) {
+      const recipient = this.fanout.remove(sessionId);
+      this.sql.exec("DELETE FROM members WHERE session_id = ?", sessionId);
+      if (recipient) released.push({ sessionId, backlog: recipient.queue });
+    }
+    for (const { sessionId, userId, target, backlog } of add) {
+      this.sql.exec(
+        "INSERT INTO members (session_id, user_id, target) VALUES (?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET target = excluded.target",
+        sessionId,
+        userId,
+        target,
+      );
+      const existing = this.fanout.get(sessionId);
+      if (existing?.target === target && backlog.length === 0) continue;
+      this.fanout.add(sessionId, userId, target, [...(existing?.queue ?? []), ...backlog]);
+    }
+    return released;
+  }
+
+  /** Fans events out to this relay's sessions. Returns once they are queued, not delivered. */
+  async publish(events: Incoming<GuildEvent>[]): Promise<void> {
+    let traced = false;
+    for (const incoming of events) {
+      const { message: event, carrier, recipients } = normalize(incoming);
+      const parent = contextFromCarrier(carrier);
+      if (!parent) {
+        this.fanout.publish(() => event);
+        continue;
+      }
+      traced = true;
+      context.with(parent, () =>
+        publishEvent(this.fanout, event, {
+          tracer: this.telemetry.tracer,
+          tiers: this.config.tiers,
+          spanName: "relay.fanout",
+          guildId: this.guildId,
+          recipients: recipients ?? this.fanout.size,
+          recipientKind: "sessions",
+        }),
+      );
+    }
+    if (traced) this.ctx.waitUntil(this.telemetry.flush());
+  }
+
+  async sessionCount(): Promise<number> {
+    return this.fanout.size;
+  }
+
+  private guild() {
+    return this.env.GUILD.get(this.env.GUILD.idFromName(this.guildId));
+  }
+}

@@ -12,6 +12,11 @@ export class ResumeBuffer {
     sql.exec("CREATE TABLE IF NOT EXISTS dispatches (s INTEGER PRIMARY KEY, frame TEXT NOT NULL, at INTEGER NOT NULL)");
   }
 
+  /** Sequence of the newest dispatch kept, 0 when empty. */
+  lastSeq(): number {
+    return this.sql.exec<{ s: number | null }>("SELECT MAX(s) AS s FROM dispatches").one().s ?? 0;
+  }
+
   /** Sequence of the oldest dispatch still kept, or null when empty. */
   oldestSeq(): number | null {
     return this.sql.exec<{ s: number | null }>("SELECT MIN(s) AS s FROM dispatches").one().s;

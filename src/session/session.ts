@@ -92,6 +92,8 @@ export class Session extends DurableObject<Env> {
     this.state = saved
       ? (JSON.parse(saved.data) as State)
       : { status: "connecting", sessionId: "", userId: "", s: 0, movedTo: "", heartbeatDeadline: 0, resumeDeadline: 0 };
+    // Dispatches do not rewrite the state row; the buffer knows the last `s` they reached.
+    this.state.s = Math.max(this.state.s, this.buffer.lastSeq());
   }
 
   private get selfId(): string {
@@ -350,8 +352,8 @@ export class Session extends DurableObject<Env> {
   private dispatch(t: EventName, d: unknown): void {
     const s = this.state.s + 1;
     const frame = JSON.stringify({ op: Op.DISPATCH, t, s, d });
-    this.buffer.append(s, frame);
-    this.setState({ s });
+    this.buffer.append(s, frame); // also where `s` is persisted: see the constructor
+    this.state.s = s;
     const ws = this.state.status === "ready" ? this.socket() : undefined;
     ws?.send(frame);
   }

@@ -16,8 +16,6 @@ const MAX_PENDING_SPANS = 5_000;
  */
 export class SpanExportQueue {
   private pending: ReadableSpan[] = [];
-  private inFlight: Promise<void> = Promise.resolve();
-  private scheduled: Promise<void> | null = null;
   private dropped = 0;
 
   constructor(private readonly exporter: SpanExporter) {}
@@ -32,18 +30,16 @@ export class SpanExportQueue {
 
   /**
    * Exports what has ended by the next turn of the event loop (so spans ending together go in
-   * one request). Resolves when that export is done; never rejects.
+   * one request). Resolves when that export is done; never rejects. Every call makes its own
+   * promise and its own export request: the queue is shared by the isolate, but a promise or
+   * request begun for one invocation must not be awaited by another.
    */
-  flush(): Promise<void> {
-    this.scheduled ??= new Promise<void>((resolve) => setTimeout(resolve, 0)).then(() => {
-      this.scheduled = null;
-      const spans = this.pending;
-      this.pending = [];
-      if (spans.length === 0) return this.inFlight;
-      this.inFlight = this.inFlight.then(() => this.export(spans));
-      return this.inFlight;
-    });
-    return this.scheduled;
+  async flush(): Promise<void> {
+    await scheduler.wait(0);
+    const spans = this.pending;
+    if (spans.length === 0) return;
+    this.pending = [];
+    await this.export(spans);
   }
 
   private export(spans: ReadableSpan[]): Promise<void> {

@@ -3,7 +3,7 @@
  * port with its own throwaway storage, for end-to-end tests and benchmarks. Always stop it.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -32,14 +32,18 @@ export interface DevServer {
 }
 
 export interface DevServerOptions {
-  /** Extra `--var NAME:value` settings. */
+  /**
+   * Extra `--var NAME:value` settings. OTEL_EXPORTER_OTLP_ENDPOINT defaults to "" (no export),
+   * so tests and benchmarks never fill a developer's own collector on :4318.
+   */
   vars?: Record<string, string>;
   startTimeoutMs?: number;
 }
 
 export async function startDevServer(options: DevServerOptions = {}): Promise<DevServer> {
   const port = await freePort();
-  const persist = mkdtempSync(join(tmpdir(), "guildwire-e2e-"));
+  // Throwaway storage; in memory (tmpfs) where the machine has it, as the storage is thrown away anyway.
+  const persist = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), "guildwire-dev-"));
   const args = [
     "dev",
     "--ip", "127.0.0.1",
@@ -49,7 +53,7 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
     "--show-interactive-dev-session=false",
     "--log-level", "warn",
   ];
-  for (const [name, value] of Object.entries(options.vars ?? {})) args.push("--var", `${name}:${value}`);
+  for (const [name, value] of Object.entries({ OTEL_EXPORTER_OTLP_ENDPOINT: "", ...options.vars })) args.push("--var", `${name}:${value}`);
   const child = spawn(join(ROOT, "node_modules/.bin/wrangler"), args, {
     cwd: ROOT,
     env: { ...process.env, PATH: `${join(ROOT, "node_modules/.bin")}:${process.env.PATH}`, WRANGLER_SEND_METRICS: "false", CI: "true" },
@@ -84,7 +88,8 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
 
   const deadline = Date.now() + (options.startTimeoutMs ?? 60_000);
   while (Date.now() < deadline) {
-    if (child.exitCode !== null) break;
+    // wrangler keeps running (watching for edits) after a failed build: no point waiting it out.
+    if (child.exitCode !== null || /Build failed/.test(output)) break;
     try {
       const response = await fetch(`${url}/__ready`, { signal: AbortSignal.timeout(2000) });
       await response.body?.cancel();

@@ -1,3 +1,4 @@
+import type { BroadcastRoom } from "./bench/broadcast-room.ts";
 import type { Guild } from "./guild/guild.ts";
 import type { Relay } from "./guild/relay.ts";
 import type { User } from "./guild/user.ts";
@@ -9,6 +10,8 @@ export interface Env {
   SESSION: DurableObjectNamespace<Session>;
   USER: DurableObjectNamespace<User>;
   RELAY: DurableObjectNamespace<Relay>;
+  /** Benchmark reference only (development). */
+  BROADCAST_ROOM: DurableObjectNamespace<BroadcastRoom>;
   AUTH_SECRET?: string;
   ENVIRONMENT?: string;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string;

@@ -2,6 +2,7 @@
 import { handleRequest } from "./api/routes.ts";
 import type { Env } from "./env.ts";
 
+export { BroadcastRoom } from "./bench/broadcast-room.ts";
 export { Guild } from "./guild/guild.ts";
 export { Relay } from "./guild/relay.ts";
 export { User } from "./guild/user.ts";

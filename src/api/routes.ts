@@ -41,6 +41,11 @@ async function route(request: Request, env: Env): Promise<Response> {
       allow(method, ["POST"]);
       return issueDevToken(request, env);
     }
+    // The benchmark's single-object reference: GET upgrades to a socket, POST broadcasts.
+    if (path[2] === "bench-room" && path.length === 4 && isValidId(path[3])) {
+      allow(method, ["GET", "POST"]);
+      return env.BROADCAST_ROOM.get(env.BROADCAST_ROOM.idFromName(path[3])).fetch(request);
+    }
   }
 
   if (path[0] === "api" && path[1] === "guilds" && path.length >= 4) {

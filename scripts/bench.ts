@@ -1,0 +1,322 @@
+/**
+ * The fanout benchmark (CONTRACT.md, Performance):
+ *
+ *   npm run bench -- --sessions N --messages M --concurrency C [--json FILE] [--modes off,tiered,...]
+ *
+ * For each mode it starts the gateway as `npm start` does (fresh wrangler dev, fresh storage),
+ * connects N real WebSocket clients (identified sessions of N members of one guild), posts M
+ * messages C at a time, and measures at the clients: deliveries per second and publish→receive
+ * latency. Rows run one after another in one invocation, so ratios between them are meaningful.
+ *
+ * Modes: `off` (no traces start), `tiered` (every message sampled, default fanout tiers),
+ * `always` (every message sampled, every session keeps it: FANOUT_SAMPLING=1:1), `naive` (one
+ * awaited RPC per session per message, unbounded, no batching), `single-object` (every socket in
+ * one Durable Object broadcasting in a loop).
+ */
+import { readFileSync, writeFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { cpus, totalmem } from "node:os";
+import { parseArgs } from "node:util";
+import WebSocket from "ws";
+import { type DevServer, startDevServer } from "./lib/dev-server.ts";
+
+type Mode = "off" | "tiered" | "always" | "naive" | "single-object";
+const ALL_MODES: Mode[] = ["off", "tiered", "always", "naive", "single-object"];
+
+const { values } = parseArgs({
+  options: {
+    sessions: { type: "string", default: "1000" },
+    messages: { type: "string", default: "200" },
+    concurrency: { type: "string", default: "20" },
+    json: { type: "string" },
+    modes: { type: "string", default: ALL_MODES.join(",") },
+    "timeout-seconds": { type: "string", default: "180" },
+    /** Extra `NAME:value` settings for every row, e.g. `--var FANOUT_MAX_IN_FLIGHT:256`. */
+    var: { type: "string", multiple: true, default: [] },
+  },
+});
+const sessions = Number(values.sessions);
+const messages = Number(values.messages);
+const concurrency = Number(values.concurrency);
+const modes = values.modes.split(",").map((m) => m.trim()) as Mode[];
+for (const mode of modes) if (!ALL_MODES.includes(mode)) throw new Error(`unknown mode ${mode}; expected ${ALL_MODES.join(", ")}`);
+if (![sessions, messages, concurrency].every((n) => Number.isSafeInteger(n) && n > 0)) {
+  throw new Error("--sessions, --messages and --concurrency must be positive integers");
+}
+
+export interface Row {
+  mode: Mode;
+  sessions: number;
+  messages: number;
+  concurrency: number;
+  deliveries: number;
+  expectedDeliveries: number;
+  deliveriesPerSecond: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+  workerdCpuSeconds: number;
+  workerdPeakMemoryMb: number;
+  spansExported: number;
+  setupSeconds: number;
+}
+
+/** Where spans go during the run: an OTLP endpoint that only counts, so export costs are real. */
+async function startSpanSink(): Promise<{ url: string; spans: () => number; close: () => void }> {
+  let spans = 0;
+  const server = createServer((request, response) => {
+    let body = "";
+    request.on("data", (chunk: Buffer) => (body += chunk.toString()));
+    request.on("end", () => {
+      spans += (body.match(/"spanId"/g) ?? []).length;
+      response.writeHead(200, { "content-type": "application/json" }).end("{}");
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const address = server.address();
+  const port = typeof address === "object" && address ? address.port : 0;
+  return { url: `http://127.0.0.1:${port}`, spans: () => spans, close: () => server.close() };
+}
+
+const extraVars = Object.fromEntries(
+  values.var.map((setting) => {
+    const colon = setting.indexOf(":");
+    if (colon <= 0) throw new Error(`--var ${setting}: expected NAME:value`);
+    return [setting.slice(0, colon), setting.slice(colon + 1)];
+  }),
+);
+
+function varsFor(mode: Mode, sinkUrl: string): Record<string, string> {
+  const common = { ...extraVars, OTEL_EXPORTER_OTLP_ENDPOINT: sinkUrl };
+  switch (mode) {
+    case "off":
+      return { ...common, TRACE_SAMPLE_RATE: "0" };
+    case "tiered":
+      return { ...common, TRACE_SAMPLE_RATE: "1" };
+    case "always":
+      return { ...common, TRACE_SAMPLE_RATE: "1", FANOUT_SAMPLING: "1:1" };
+    case "naive":
+      return { ...common, TRACE_SAMPLE_RATE: "0", FANOUT_STRATEGY: "naive" };
+    case "single-object":
+      return { ...common, TRACE_SAMPLE_RATE: "0" };
+  }
+}
+
+/** The workerd process wrangler started (the one that runs every object), found via /proc. */
+function workerdPid(rootPid: number): number | null {
+  const children = (pid: number): number[] => {
+    try {
+      return readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
+    } catch {
+      return [];
+    }
+  };
+  const queue = [rootPid];
+  while (queue.length > 0) {
+    const pid = queue.shift()!;
+    try {
+      if (readFileSync(`/proc/${pid}/comm`, "utf8").trim() === "workerd") return pid;
+    } catch {
+      // gone
+    }
+    queue.push(...children(pid));
+  }
+  return null;
+}
+
+function cpuSeconds(pid: number | null): number {
+  if (pid === null) return NaN;
+  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, in clock ticks
+}
+
+function peakMemoryMb(pid: number | null): number {
+  if (pid === null) return NaN;
+  const match = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+  return match ? Number(match[1]) / 1024 : NaN;
+}
+
+async function pool<T>(items: T[], limit: number, fn: (item: T, index: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, async () => {
+      while (next < items.length) {
+        const index = next++;
+        await fn(items[index]!, index);
+      }
+    }),
+  );
+}
+
+async function request(url: string, init: RequestInit, expect: number[]): Promise<Response> {
+  for (let attempt = 1; ; attempt++) {
+    const response = await fetch(url, init);
+    if (expect.includes(response.status)) return response;
+    const text = await response.text();
+    if (attempt >= 5 || response.status < 500) throw new Error(`${init.method ?? "GET"} ${url}: ${response.status} ${text}`);
+    await new Promise((r) => setTimeout(r, 100 * attempt));
+  }
+}
+
+const percentile = (sorted: number[], p: number) => (sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!);
+
+async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Promise<Row> {
+  const setupStarted = Date.now();
+  const server: DevServer = await startDevServer({ vars: varsFor(mode, sinkUrl), startTimeoutMs: 90_000 });
+  const sockets: WebSocket[] = [];
+  try {
+    const pid = workerdPid(server.process.pid!);
+    const base = server.url;
+    const guildId = `bench-${mode}`;
+    const users = Array.from({ length: sessions }, (_, i) => `user${i}`);
+    const tokenFor = async (user: string, admin = false) =>
+      ((await (await request(`${base}/api/dev/token`, { method: "POST", body: JSON.stringify({ user_id: user, admin }) }, [200])).json()) as { token: string }).token;
+    const admin = await tokenFor("bench-admin", true);
+    const tokens = new Array<string>(sessions);
+    await pool(users, 32, async (user, i) => {
+      tokens[i] = await tokenFor(user);
+    });
+
+    const singleObject = mode === "single-object";
+    if (!singleObject) {
+      await pool(users, 16, async (user) => {
+        await request(`${base}/api/guilds/${guildId}/members/${user}`, { method: "PUT", headers: { Authorization: `Bearer ${admin}` } }, [200, 201]);
+      });
+    }
+
+    // Latency per message index: the clients parse `content` (the index) from MESSAGE_CREATE.
+    const sentAt = new Array<number>(messages).fill(0);
+    const latencies: number[] = [];
+    let delivered = 0;
+    let lastDelivery = 0;
+    let resolveAll: () => void = () => {};
+    const allDelivered = new Promise<void>((resolve) => (resolveAll = resolve));
+    const expected = sessions * messages;
+
+    const wsBase = base.replace(/^http/, "ws");
+    await pool(users, 50, async (_user, i) => {
+      const url = singleObject ? `${wsBase}/api/dev/bench-room/${guildId}` : `${wsBase}/gateway`;
+      const ws = new WebSocket(url);
+      sockets.push(ws);
+      await new Promise<void>((resolve, reject) => {
+        ws.on("error", reject);
+        ws.on("message", (data) => {
+          const frame = JSON.parse(data.toString()) as { op: number; t?: string; d?: { content?: string } };
+          if (frame.op === 10) ws.send(JSON.stringify({ op: 2, d: { token: tokens[i] } }));
+          else if (frame.t === "READY") resolve();
+          else if (frame.t === "MESSAGE_CREATE") {
+            const now = performance.now();
+            latencies.push(now - sentAt[Number(frame.d!.content)]!);
+            lastDelivery = now;
+            if (++delivered === expected) resolveAll();
+          }
+        });
+        if (singleObject) ws.on("open", () => resolve());
+      });
+    });
+    const setupSeconds = (Date.now() - setupStarted) / 1000;
+
+    const cpuBefore = cpuSeconds(pid);
+    const spansBefore = sinkSpans();
+    const started = performance.now();
+    const postUrl = singleObject ? `${base}/api/dev/bench-room/${guildId}` : `${base}/api/guilds/${guildId}/messages`;
+    await pool(
+      Array.from({ length: messages }, (_, i) => i),
+      concurrency,
+      async (i) => {
+        sentAt[i] = performance.now();
+        await request(postUrl, {
+          method: "POST",
+          headers: { Authorization: `Bearer ${tokens[i % sessions]}` },
+          body: JSON.stringify({ content: String(i) }),
+        }, [201]);
+      },
+    );
+    const timeoutMs = Number(values["timeout-seconds"]) * 1000;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([allDelivered, new Promise((r) => (timer = setTimeout(r, timeoutMs)))]);
+    clearTimeout(timer);
+    const elapsedSeconds = ((delivered === expected ? lastDelivery : performance.now()) - started) / 1000;
+    // Let span exports land before counting them.
+    await new Promise((r) => setTimeout(r, 500));
+    latencies.sort((a, b) => a - b);
+    return {
+      mode,
+      sessions,
+      messages,
+      concurrency,
+      deliveries: delivered,
+      expectedDeliveries: expected,
+      deliveriesPerSecond: Math.round(delivered / elapsedSeconds),
+      p50Ms: round(percentile(latencies, 50)),
+      p99Ms: round(percentile(latencies, 99)),
+      maxMs: round(latencies[latencies.length - 1] ?? NaN),
+      workerdCpuSeconds: round(cpuSeconds(pid) - cpuBefore),
+      workerdPeakMemoryMb: Math.round(peakMemoryMb(pid)),
+      spansExported: sinkSpans() - spansBefore,
+      setupSeconds: round(setupSeconds),
+    };
+  } finally {
+    for (const ws of sockets) ws.terminate();
+    await server.stop();
+  }
+}
+
+const round = (n: number) => Math.round(n * 10) / 10;
+
+const sink = await startSpanSink();
+const rows: Row[] = [];
+const benchStarted = Date.now();
+try {
+  for (const mode of modes) {
+    process.stderr.write(`running ${mode}: ${sessions} sessions, ${messages} messages, concurrency ${concurrency}…\n`);
+    const row = await runMode(mode, sink.url, sink.spans);
+    rows.push(row);
+    process.stderr.write(`  ${row.deliveries}/${row.expectedDeliveries} delivered, ${row.deliveriesPerSecond}/s, p99 ${row.p99Ms} ms\n`);
+  }
+} finally {
+  sink.close();
+}
+
+const header = ["mode", "sessions", "messages", "conc", "deliveries", "deliveries/s", "p50 ms", "p99 ms", "max ms", "workerd CPU s", "peak MB", "spans"];
+const table = rows.map((r) => [
+  r.mode,
+  r.sessions,
+  r.messages,
+  r.concurrency,
+  `${r.deliveries}/${r.expectedDeliveries}`,
+  r.deliveriesPerSecond,
+  r.p50Ms,
+  r.p99Ms,
+  r.maxMs,
+  r.workerdCpuSeconds,
+  r.workerdPeakMemoryMb,
+  r.spansExported,
+].map(String));
+console.log(`| ${header.join(" | ")} |`);
+console.log(`| ${header.map(() => "---").join(" | ")} |`);
+for (const line of table) console.log(`| ${line.join(" | ")} |`);
+
+const find = (mode: Mode) => rows.find((r) => r.mode === mode);
+const ratio = (a: Mode, b: Mode, key: "deliveriesPerSecond" | "p99Ms") => {
+  const x = find(a)?.[key];
+  const y = find(b)?.[key];
+  return x !== undefined && y !== undefined ? (x / y).toFixed(2) : "n/a";
+};
+console.log("");
+console.log(`tiered / off deliveries/s: ${ratio("tiered", "off", "deliveriesPerSecond")}   p99 tiered / off: ${ratio("tiered", "off", "p99Ms")}`);
+console.log(`always / off deliveries/s: ${ratio("always", "off", "deliveriesPerSecond")}   p99 always / off: ${ratio("always", "off", "p99Ms")}`);
+console.log(`tiered / naive deliveries/s: ${ratio("tiered", "naive", "deliveriesPerSecond")}`);
+console.log(`tiered / single-object deliveries/s: ${ratio("tiered", "single-object", "deliveriesPerSecond")}`);
+console.log(`total bench time: ${((Date.now() - benchStarted) / 1000).toFixed(0)} s`);
+
+if (values.json) {
+  const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model ?? "", memoryGb: Math.round(totalmem() / 2 ** 30), node: process.version, platform: process.platform };
+  writeFileSync(values.json, `${JSON.stringify({ rows, machine }, null, 2)}\n`);
+  console.log(`wrote ${values.json}`);
+}
+const incomplete = rows.filter((r) => r.deliveries !== r.expectedDeliveries);
+if (incomplete.length > 0) {
+  console.error(`not every message reached every session in: ${incomplete.map((r) => r.mode).join(", ")}`);
+  process.exitCode = 1;
+}

@@ -25,6 +25,8 @@ export function freePort(): Promise<number> {
 export interface DevServer {
   url: string;
   port: number;
+  /** Chrome DevTools protocol of the Worker (CPU profiles): http://127.0.0.1:{inspectorPort}/json */
+  inspectorPort: number;
   process: ChildProcess;
   /** Everything wrangler printed, for failure messages. */
   output(): string;
@@ -42,13 +44,14 @@ export interface DevServerOptions {
 
 export async function startDevServer(options: DevServerOptions = {}): Promise<DevServer> {
   const port = await freePort();
+  const inspectorPort = await freePort();
   // Throwaway storage; in memory (tmpfs) where the machine has it, as the storage is thrown away anyway.
   const persist = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), "guildwire-dev-"));
   const args = [
     "dev",
     "--ip", "127.0.0.1",
     "--port", String(port),
-    "--inspector-port", String(await freePort()),
+    "--inspector-port", String(inspectorPort),
     "--persist-to", persist,
     "--show-interactive-dev-session=false",
     "--log-level", "warn",
@@ -93,7 +96,7 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
     try {
       const response = await fetch(`${url}/__ready`, { signal: AbortSignal.timeout(2000) });
       await response.body?.cancel();
-      return { url, port, process: child, output: () => output, stop };
+      return { url, port, inspectorPort, process: child, output: () => output, stop };
     } catch {
       await new Promise((r) => setTimeout(r, 250));
     }

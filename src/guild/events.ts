@@ -5,9 +5,20 @@ import type { Incoming } from "../transport/index.ts";
 export interface MessageCreateEvent {
   type: "MESSAGE_CREATE";
   seq: number;
-  message: Message;
+  /**
+   * The message as JSON text, serialized once by the guild: a string crosses RPC as one copy
+   * and goes into each session's frame as it is, where an object would be cloned and
+   * stringified again for every recipient.
+   */
+  data: string;
 }
 export type GuildEvent = MessageCreateEvent;
+
+export const messageCreateEvent = (message: Message): MessageCreateEvent => ({
+  type: "MESSAGE_CREATE",
+  seq: message.seq,
+  data: JSON.stringify(message),
+});
 
 /** One RPC to one session: every event queued for it, in seq order, each wrapped when sampled. */
 export interface GuildDelivery {

@@ -4,7 +4,7 @@ import type { Message } from "../gateway/protocol.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type HandleOptions, type Incoming, handle } from "../transport/index.ts";
 import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOptions } from "./delivery.ts";
-import { type GuildEvent, type GuildResult, type MessageCreateEvent, type Subscription, fail, ok } from "./events.ts";
+import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
 import { Fanout } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
 import type { Relay, RelayAssignment } from "./relay.ts";
@@ -159,7 +159,7 @@ export class Guild extends DurableObject<Env> {
           message.timestamp,
         );
         this.lastSeq = message.seq;
-        this.publish({ type: "MESSAGE_CREATE", seq: message.seq, message });
+        this.publish(messageCreateEvent(message));
         return ok(message);
       }),
       this.traced,
@@ -222,7 +222,7 @@ export class Guild extends DurableObject<Env> {
   /** Events after `after` (at most `limit`), for a subscribed session that found a gap. */
   async eventsAfter(sessionId: string, after: number, limit: number): Promise<GuildEvent[]> {
     if (!this.subscribers.has(sessionId)) return [];
-    return this.messagesAfter(after, Math.min(limit, MAX_PULL)).map(toEvent);
+    return this.messagesAfter(after, Math.min(limit, MAX_PULL)).map(messageCreateEvent);
   }
 
   /** Live sessions and how they are reached, for operators and tests. */
@@ -364,4 +364,4 @@ export class Guild extends DurableObject<Env> {
   }
 }
 
-const toEvent = (message: Message): MessageCreateEvent => ({ type: "MESSAGE_CREATE", seq: message.seq, message });
+

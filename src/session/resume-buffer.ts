@@ -5,6 +5,8 @@ import { RESUME_BUFFER_MIN_DISPATCHES, RESUME_WINDOW_MS } from "../gateway/proto
  * SQLite storage so that RESUME can replay what a client missed, even across eviction. Keeps at
  * least the last 1,000 dispatches and at least the last 60 seconds.
  */
+const ROWS_PER_INSERT = 100;
+
 export class ResumeBuffer {
   private appendedSinceTrim = 0;
 
@@ -22,9 +24,16 @@ export class ResumeBuffer {
     return this.sql.exec<{ s: number | null }>("SELECT MIN(s) AS s FROM dispatches").one().s;
   }
 
-  append(s: number, frame: string, now = Date.now()): void {
-    this.sql.exec("INSERT INTO dispatches (s, frame, at) VALUES (?, ?, ?)", s, frame, now);
-    if (++this.appendedSinceTrim >= 64) this.trim(s, now);
+  /** Stores consecutive dispatches, in as few statements as SQLite's variable limit allows. */
+  append(frames: { s: number; frame: string }[], now = Date.now()): void {
+    for (let from = 0; from < frames.length; from += ROWS_PER_INSERT) {
+      const rows = frames.slice(from, from + ROWS_PER_INSERT);
+      const values: (string | number)[] = [];
+      for (const { s, frame } of rows) values.push(s, frame, now);
+      this.sql.exec(`INSERT INTO dispatches (s, frame, at) VALUES ${rows.map(() => "(?, ?, ?)").join(", ")}`, ...values);
+    }
+    this.appendedSinceTrim += frames.length;
+    if (this.appendedSinceTrim >= 64) this.trim(frames[frames.length - 1]!.s, now);
   }
 
   /** Frames after `seq`, in order. */

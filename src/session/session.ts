@@ -250,6 +250,7 @@ export class Session extends DurableObject<Env> {
         // Where the session started: keep a pointer so later resumes find it.
         this.buffer.clear();
         this.sql.exec("DELETE FROM guilds");
+        this.positions = null;
         this.setState({ status: "moved", movedTo: request.requester });
       } else {
         this.wipe();
@@ -274,16 +275,19 @@ export class Session extends DurableObject<Env> {
         lastSeq = await handle(
           incoming,
           "session.deliver",
-          async (event) => {
+          async (event, received) => {
             if (event.seq <= lastSeq!) return lastSeq!;
             let seq = lastSeq!;
             if (event.seq > seq + 1) seq = await this.fillGap(delivery.guildId, seq, event.seq);
             this.dispatchEvent(event);
+            // A sampled event's span covers its socket write; the rest go out together below.
+            if (received.carrier) this.flushDispatches();
             return event.seq;
           },
           this.traced,
         );
       }
+      this.flushDispatches();
       this.setGuildSeq(delivery.guildId, lastSeq);
     });
   }
@@ -299,7 +303,7 @@ export class Session extends DurableObject<Env> {
   async guildRemoved(guildId: string): Promise<void> {
     await this.enqueue(() => {
       if (!HOLDING.has(this.state.status) || this.guildSeq(guildId) === undefined) return;
-      this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
+      this.deleteGuild(guildId);
       this.dispatch("GUILD_DELETE", { id: guildId });
     });
   }
@@ -319,7 +323,7 @@ export class Session extends DurableObject<Env> {
       guilds.map(async ({ guildId, lastSeq: after }) => {
         const result = await this.guild(guildId).subscribe({ sessionId, userId, target: this.selfId, ...(after === undefined ? {} : { after }) });
         if (!result.ok) {
-          this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
+          this.deleteGuild(guildId);
           return null;
         }
         if (after === undefined) this.setGuildSeq(guildId, result.value.lastSeq);
@@ -342,20 +346,36 @@ export class Session extends DurableObject<Env> {
       }
       if (lastSeq === before) break; // the guild has nothing more for us (e.g. we were unsubscribed)
     }
+    this.flushDispatches();
     return lastSeq;
   }
 
   private dispatchEvent(event: GuildEvent): void {
-    this.dispatch(event.type, event.message);
+    this.queueDispatch(event.type, event.data);
   }
 
   private dispatch(t: EventName, d: unknown): void {
+    this.queueDispatch(t, JSON.stringify(d));
+    this.flushDispatches();
+  }
+
+  /** Numbers a dispatch; `flushDispatches` stores it in the resume buffer, then sends it. */
+  private queueDispatch(t: EventName, dataJson: string): void {
     const s = this.state.s + 1;
-    const frame = JSON.stringify({ op: Op.DISPATCH, t, s, d });
-    this.buffer.append(s, frame); // also where `s` is persisted: see the constructor
-    this.state.s = s;
+    this.state.s = s; // persisted through the buffer row: see the constructor
+    this.unsent.push({ s, frame: `{"op":${Op.DISPATCH},"t":"${t}","s":${s},"d":${dataJson}}` });
+  }
+
+  /** Dispatches numbered but not yet stored and sent. Stored first, so a sent one is resumable. */
+  private unsent: { s: number; frame: string }[] = [];
+
+  private flushDispatches(): void {
+    if (this.unsent.length === 0) return;
+    const frames = this.unsent;
+    this.unsent = [];
+    this.buffer.append(frames);
     const ws = this.state.status === "ready" ? this.socket() : undefined;
-    ws?.send(frame);
+    if (ws) for (const { frame } of frames) ws.send(frame);
   }
 
   private send(ws: WebSocket, frame: ServerFrame): void {
@@ -429,12 +449,23 @@ export class Session extends DurableObject<Env> {
     this.sql.exec("INSERT OR REPLACE INTO state (id, data) VALUES (0, ?)", JSON.stringify(this.state));
   }
 
+  /** Last seq dispatched per guild, cached from the `guilds` table (written through). */
+  private positions: Map<string, number> | null = null;
+
   private guildSeq(guildId: string): number | undefined {
-    return this.sql.exec<{ last_seq: number }>("SELECT last_seq FROM guilds WHERE guild_id = ?", guildId).toArray()[0]?.last_seq;
+    this.positions ??= new Map(this.guildSeqs().map((p) => [p.guildId, p.lastSeq]));
+    return this.positions.get(guildId);
   }
 
   private setGuildSeq(guildId: string, lastSeq: number): void {
+    if (this.guildSeq(guildId) === lastSeq) return;
+    this.positions!.set(guildId, lastSeq);
     this.sql.exec("INSERT OR REPLACE INTO guilds (guild_id, last_seq) VALUES (?, ?)", guildId, lastSeq);
+  }
+
+  private deleteGuild(guildId: string): void {
+    this.positions?.delete(guildId);
+    this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
   }
 
   private guildSeqs(): GuildPosition[] {
@@ -444,8 +475,13 @@ export class Session extends DurableObject<Env> {
       .map((row) => ({ guildId: row.guild_id, lastSeq: row.last_seq }));
   }
 
+  /** The connection's socket; looked up once per wake-up (hibernation drops this cache). */
+  private cachedSocket: WebSocket | undefined;
+
   private socket(): WebSocket | undefined {
-    return this.ctx.getWebSockets()[0];
+    if (this.cachedSocket && this.cachedSocket.readyState !== WebSocket.READY_STATE_CLOSED) return this.cachedSocket;
+    this.cachedSocket = this.ctx.getWebSockets()[0];
+    return this.cachedSocket;
   }
 
   private guild(guildId: string) {

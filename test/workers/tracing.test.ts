@@ -131,7 +131,13 @@ describe("sessions never start traces, and carriers from outside are capped", ()
     await postWithHeaders("roots", "roots-u0", { traceparent: traceparent(randomTraceId(), true) });
     await postWithHeaders("roots", "roots-u1", {});
     for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 2, "both messages");
-    const spans = await waitForSpans((s) => s.filter((x) => x.name === "session.deliver").length >= 4, "deliveries");
+    // Each fanout keeps ~79% of 2 recipients: wait for exactly the deliveries it chose.
+    const chosen = (s: ReadableSpan[]) =>
+      s.filter((x) => x.name === "guild.fanout").reduce((n, f) => n + Number(f.attributes["guildwire.fanout.sampled_recipients"]), 0);
+    const spans = await waitForSpans(
+      (s) => s.filter((x) => x.name === "guild.fanout").length === 2 && s.filter((x) => x.name === "session.deliver").length === chosen(s),
+      "deliveries",
+    );
     for (const span of spans.filter((s) => service(s) !== "guildwire-api")) {
       expect(span.parentSpanContext, `${span.name} must have a parent`).toBeDefined();
     }

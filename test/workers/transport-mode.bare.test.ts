@@ -51,10 +51,10 @@ describe("TRANSPORT_MODE=bare", () => {
     await session.deliver({
       guildId: "mixed",
       events: [
-        { type: "MESSAGE_CREATE", seq: 1, message: message(1) },
+        { type: "MESSAGE_CREATE", seq: 1, data: JSON.stringify(message(1)) },
         {
           [ENVELOPE_BRAND]: 1,
-          message: { type: "MESSAGE_CREATE", seq: 2, message: message(2) },
+          message: { type: "MESSAGE_CREATE", seq: 2, data: JSON.stringify(message(2)) },
           carrier: { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" },
         },
       ],

@@ -84,7 +84,7 @@ describe("Fanout", () => {
   const event = (seq: number): GuildEvent => ({
     type: "MESSAGE_CREATE",
     seq,
-    message: { id: `m${seq}`, guild_id: "g", author_id: "a", content: "x", seq, timestamp: "" },
+    data: "{}",
   });
   const seqs = (events: Incoming<GuildEvent>[]) => events.map((e) => (e as GuildEvent).seq);
 

@@ -215,25 +215,43 @@ async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Pr
     const expected = sessions * messages;
 
     const wsBase = base.replace(/^http/, "ws");
-    await pool(users, 100, async (_user, i) => {
-      const url = singleObject ? `${wsBase}/api/dev/bench-room/${guildId}` : `${wsBase}/gateway`;
-      const ws = new WebSocket(url);
-      sockets.push(ws);
-      await new Promise<void>((resolve, reject) => {
-        ws.on("error", reject);
-        ws.on("message", (data) => {
-          const frame = JSON.parse(data.toString()) as { op: number; t?: string; d?: { content?: string } };
-          if (frame.op === 10) ws.send(JSON.stringify({ op: 2, d: { token: tokens[i] } }));
-          else if (frame.t === "READY") resolve();
-          else if (frame.t === "MESSAGE_CREATE") {
-            const now = performance.now();
-            latencies.push(now - sentAt[Number(frame.d!.content)]!);
-            lastDelivery = now;
-            if (++delivered === expected) resolveAll();
-          }
+    const url = singleObject ? `${wsBase}/api/dev/bench-room/${guildId}` : `${wsBase}/gateway`;
+    const onMessage = (ws: WebSocket, i: number, ready: () => void) => (data: WebSocket.RawData) => {
+      const frame = JSON.parse(data.toString()) as { op: number; t?: string; d?: { content?: string; heartbeat_interval?: number } };
+      if (frame.op === 10) {
+        ws.send(JSON.stringify({ op: 2, d: { token: tokens[i] } }));
+        // Heartbeat like a real client, or long set-ups (10,000 sessions) would time out (4009).
+        const every = frame.d!.heartbeat_interval!;
+        const timer = setInterval(() => ws.readyState === WebSocket.OPEN && ws.send('{"op":1,"d":null}'), every * 0.8);
+        ws.once("close", () => clearInterval(timer));
+      } else if (frame.t === "READY") ready();
+      else if (frame.t === "MESSAGE_CREATE") {
+        const now = performance.now();
+        latencies.push(now - sentAt[Number(frame.d!.content)]!);
+        lastDelivery = now;
+        if (++delivered === expected) resolveAll();
+      }
+    };
+    const connect = (i: number) =>
+      new Promise<void>((resolve, reject) => {
+        const ws = new WebSocket(url);
+        ws.on("error", reject); // stays attached: a later error must not crash the bench
+        ws.on("message", onMessage(ws, i, resolve));
+        ws.once("open", () => {
+          sockets.push(ws);
+          if (singleObject) resolve();
         });
-        if (singleObject) ws.on("open", () => resolve());
       });
+    await pool(users, 100, async (_user, i) => {
+      // Under a connection storm the local proxy sometimes resets one; a client would retry.
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await connect(i);
+        } catch (error) {
+          if (attempt >= 5) throw error;
+          await new Promise((r) => setTimeout(r, 200 * attempt));
+        }
+      }
     });
     const setupSeconds = (Date.now() - setupStarted) / 1000;
 

@@ -40,6 +40,8 @@ const { values } = parseArgs({
     "naive-seconds": { type: "string", default: "30" },
     /** Extra `NAME:value` settings for every row, e.g. `--var FANOUT_MAX_IN_FLIGHT:256`. */
     var: { type: "string", multiple: true, default: [] },
+    /** Appends wrangler's output to FILE. */
+    "wrangler-log": { type: "string" },
     /** Writes a CPU profile summary of the Worker's publish phase per row to FILE-<mode>.txt. */
     profile: { type: "string" },
   },
@@ -183,7 +185,11 @@ const percentile = (sorted: number[], p: number) => (sorted.length === 0 ? NaN :
 
 async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Promise<Row> {
   const setupStarted = Date.now();
-  const server: DevServer = await startDevServer({ vars: varsFor(mode, sinkUrl), startTimeoutMs: 90_000 });
+  const server: DevServer = await startDevServer({
+    vars: varsFor(mode, sinkUrl),
+    startTimeoutMs: 90_000,
+    ...(values["wrangler-log"] ? { logFile: values["wrangler-log"] } : {}),
+  });
   const sockets: WebSocket[] = [];
   try {
     const pid = workerdPids(server.process.pid!);

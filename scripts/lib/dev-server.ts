@@ -3,7 +3,7 @@
  * port with its own throwaway storage, for end-to-end tests and benchmarks. Always stop it.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { appendFileSync, existsSync, mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -40,6 +40,8 @@ export interface DevServerOptions {
    */
   vars?: Record<string, string>;
   startTimeoutMs?: number;
+  /** Also append everything wrangler prints to this file (benchmarks: to see a runtime restart). */
+  logFile?: string;
 }
 
 export async function startDevServer(options: DevServerOptions = {}): Promise<DevServer> {
@@ -64,8 +66,12 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
     detached: true,
   });
   let output = "";
-  child.stdout!.on("data", (chunk: Buffer) => (output += chunk.toString()));
-  child.stderr!.on("data", (chunk: Buffer) => (output += chunk.toString()));
+  const record = (chunk: Buffer) => {
+    output += chunk.toString();
+    if (options.logFile) appendFileSync(options.logFile, chunk);
+  };
+  child.stdout!.on("data", record);
+  child.stderr!.on("data", record);
 
   const url = `http://127.0.0.1:${port}`;
   const stop = async (): Promise<void> => {

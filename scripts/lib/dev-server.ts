@@ -59,7 +59,10 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
     "--log-level", "warn",
   ];
   for (const [name, value] of Object.entries({ OTEL_EXPORTER_OTLP_ENDPOINT: "", ...options.vars })) args.push("--var", `${name}:${value}`);
-  const child = spawn(join(ROOT, "node_modules/.bin/wrangler"), args, {
+  // Every client socket costs workerd two descriptors (wrangler's proxy and the runtime): raise
+  // the open-file limit as far as this user may, for 10,000-session benchmarks.
+  const raiseFileLimit = 'ulimit -Hn 1048576 2>/dev/null; ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@"';
+  const child = spawn("/bin/sh", ["-c", raiseFileLimit, join(ROOT, "node_modules/.bin/wrangler"), ...args], {
     cwd: ROOT,
     env: { ...process.env, PATH: `${join(ROOT, "node_modules/.bin")}:${process.env.PATH}`, WRANGLER_SEND_METRICS: "false", CI: "true" },
     stdio: ["ignore", "pipe", "pipe"],

@@ -19,7 +19,7 @@ import { cpus, totalmem } from "node:os";
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
 import { startProfiling, summarise } from "./lib/cpu-profile.ts";
-import { type DevServer, startDevServer } from "./lib/dev-server.ts";
+import { type DevServer, runtimeUrl, startDevServer } from "./lib/dev-server.ts";
 
 type Mode = "off" | "tiered" | "always" | "naive" | "single-object";
 const ALL_MODES: Mode[] = ["off", "tiered", "always", "naive", "single-object"];
@@ -193,7 +193,9 @@ async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Pr
   const sockets: WebSocket[] = [];
   try {
     const pid = workerdPids(server.process.pid!);
-    const base = server.url;
+    // Straight to the runtime, past wrangler's dev proxy (see runtimeUrl): the same Worker and
+    // objects, minus a hop that cannot hold 10,000 sockets under this machine's file limit.
+    const base = await runtimeUrl(server);
     const guildId = `bench-${mode}`;
     const users = Array.from({ length: sessions }, (_, i) => `user${i}`);
     const tokenFor = async (user: string, admin = false) =>

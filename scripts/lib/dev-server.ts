@@ -3,7 +3,7 @@
  * port with its own throwaway storage, for end-to-end tests and benchmarks. Always stop it.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { appendFileSync, existsSync, mkdtempSync, rmSync } from "node:fs";
+import { appendFileSync, existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -112,4 +112,52 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
   }
   await stop();
   throw new Error(`wrangler dev did not start on port ${port}:\n${output}`);
+}
+
+/**
+ * The runtime's own HTTP address under `wrangler dev`, behind wrangler's proxy. The proxy holds
+ * two descriptors per connection (client and upstream), so 10,000 WebSockets through it exceed a
+ * 20,000 open-file limit; benchmarks connect here instead. Found from /proc (Linux): the
+ * listening sockets of the workerd that runs the Worker, checked by asking one for a 404 of ours.
+ */
+export async function runtimeUrl(server: DevServer): Promise<string> {
+  const inodes = new Map<string, number>();
+  for (const line of readFileSync("/proc/net/tcp", "utf8").split("\n").slice(1)) {
+    const fields = line.trim().split(/\s+/);
+    if (fields[3] === "0A" && fields[1]?.startsWith("0100007F:")) inodes.set(fields[9]!, parseInt(fields[1].split(":")[1]!, 16));
+  }
+  const ports: number[] = [];
+  const visit = (pid: number): void => {
+    try {
+      if (readFileSync(`/proc/${pid}/comm`, "utf8").trim() === "workerd") {
+        for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+          const inode = /^socket:\[(\d+)\]$/.exec(readlinkSafe(`/proc/${pid}/fd/${fd}`))?.[1];
+          const port = inode ? inodes.get(inode) : undefined;
+          if (port && port !== server.port && port !== server.inspectorPort) ports.push(port);
+        }
+      }
+      for (const child of readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean)) visit(Number(child));
+    } catch {
+      // exited meanwhile
+    }
+  };
+  visit(server.process.pid!);
+  for (const port of ports) {
+    try {
+      const response = await fetch(`http://127.0.0.1:${port}/api/no-such-route`, { signal: AbortSignal.timeout(2000) });
+      const body = (await response.json()) as { error?: { code?: string } };
+      if (response.status === 404 && body.error?.code === "not_found") return `http://127.0.0.1:${port}`;
+    } catch {
+      // not the Worker's socket
+    }
+  }
+  return server.url;
+}
+
+function readlinkSafe(path: string): string {
+  try {
+    return readlinkSync(path);
+  } catch {
+    return "";
+  }
 }

@@ -60,6 +60,11 @@ export class Fanout<Stub> {
     return this.inFlight;
   }
 
+  /** Anything in flight, waiting for a slot, or about to start. */
+  get busy(): boolean {
+    return this.inFlight > 0 || this.pumpScheduled || this.readyHead < this.ready.length;
+  }
+
   /** Adds or replaces a recipient. A replaced one's queue and in-flight RPC are abandoned. */
   add(id: string, userId: string, target: string, backlog: Incoming<GuildEvent>[] = []): Recipient<Stub> {
     const recipient: Recipient<Stub> = {
@@ -118,16 +123,25 @@ export class Fanout<Stub> {
     return this.recipients.get(recipient.id) === recipient;
   }
 
+  /**
+   * Queues a recipient for a slot, first come first served. Sending starts on the next turn of
+   * the event loop, not at once: messages that arrive together (other requests already waiting
+   * in this object's queue) then share one RPC per recipient instead of the first going alone.
+   */
   private schedule(recipient: Recipient<Stub>): void {
     if (recipient.sending || recipient.waiting || recipient.queue.length === 0) return;
-    // First come, first served: nobody jumps a queue of recipients already waiting for a slot.
-    if (this.inFlight < this.options.maxInFlight && this.readyHead === this.ready.length) {
-      this.start(recipient);
-    } else {
-      recipient.waiting = true;
-      this.ready.push(recipient);
+    recipient.waiting = true;
+    this.ready.push(recipient);
+    if (!this.pumpScheduled) {
+      this.pumpScheduled = true;
+      setTimeout(() => {
+        this.pumpScheduled = false;
+        this.pump();
+      }, 0);
     }
   }
+
+  private pumpScheduled = false;
 
   private start(recipient: Recipient<Stub>): void {
     const events = recipient.queue;

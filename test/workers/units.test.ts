@@ -116,22 +116,27 @@ describe("Fanout", () => {
       drop: (recipient) => dropped.push(recipient.id),
     });
     const settle = async () => {
-      for (let rounds = 0; rounds < 1000 && (pending.length > 0 || fanout.pendingRpcs > 0); rounds++) {
+      for (let rounds = 0; rounds < 1000 && (pending.length > 0 || fanout.busy); rounds++) {
         pending.splice(0).forEach((release) => release());
         await new Promise((r) => setTimeout(r, 2));
       }
     };
-    return { fanout, sent, dropped, settle, maxInFlight: () => maxSeen };
+    const tick = () => new Promise((r) => setTimeout(r, 2));
+    return { fanout, sent, dropped, settle, tick, pending, maxInFlight: () => maxSeen };
   }
 
-  it("coalesces what queues up while an RPC is in flight, in order", async () => {
+  it("sends events published together in one RPC, and coalesces what queues up while it is in flight", async () => {
     const h = harness(10);
     h.fanout.add("s1", "u1", "t1");
-    for (let seq = 1; seq <= 5; seq++) h.fanout.publish(() => event(seq));
+    h.fanout.publish(() => event(1));
+    h.fanout.publish(() => event(2));
+    await h.tick();
+    expect(h.pending).toHaveLength(1); // one RPC in flight, carrying 1 and 2
+    for (let seq = 3; seq <= 5; seq++) h.fanout.publish(() => event(seq));
     await h.settle();
     expect(h.sent).toEqual([
-      { sessionId: "s1", seqs: [1] },
-      { sessionId: "s1", seqs: [2, 3, 4, 5] },
+      { sessionId: "s1", seqs: [1, 2] },
+      { sessionId: "s1", seqs: [3, 4, 5] },
     ]);
   });
 
@@ -163,6 +168,7 @@ describe("Fanout", () => {
     const h = harness(5);
     h.fanout.add("s1", "u1", "old");
     h.fanout.publish(() => event(1));
+    await h.tick(); // 1 is in flight to the old target
     h.fanout.publish(() => event(2));
     h.fanout.add("s1", "u1", "new", [event(2)]);
     await h.settle();

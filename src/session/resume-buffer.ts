@@ -5,7 +5,8 @@ import { RESUME_BUFFER_MIN_DISPATCHES, RESUME_WINDOW_MS } from "../gateway/proto
  * SQLite storage so that RESUME can replay what a client missed, even across eviction. Keeps at
  * least the last 1,000 dispatches and at least the last 60 seconds.
  */
-const ROWS_PER_INSERT = 100;
+/** Durable Object SQL binds at most 100 parameters per statement; a row takes 3. */
+const ROWS_PER_INSERT = 33;
 
 export class ResumeBuffer {
   private appendedSinceTrim = 0;

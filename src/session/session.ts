@@ -372,8 +372,8 @@ export class Session extends DurableObject<Env> {
   private flushDispatches(): void {
     if (this.unsent.length === 0) return;
     const frames = this.unsent;
+    this.buffer.append(frames); // if this throws, the frames stay queued for the next flush
     this.unsent = [];
-    this.buffer.append(frames);
     const ws = this.state.status === "ready" ? this.socket() : undefined;
     if (ws) for (const { frame } of frames) ws.send(frame);
   }

@@ -59,6 +59,20 @@ describe("sessions over real WebSockets in workerd", () => {
   });
 });
 
+describe("a large coalesced delivery", () => {
+  it("dispatches every event of a 150-event batch, in order (more rows than one SQL statement binds)", async () => {
+    await addMember("big-batch", "bb-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("bb-user");
+    const message = (seq: number) => ({ id: `m${seq}`, guild_id: "big-batch", author_id: "bb-user", content: `c${seq}`, seq, timestamp: "2026-11-21T00:00:00.000Z" });
+    const events = Array.from({ length: 150 }, (_, i) => ({ type: "MESSAGE_CREATE" as const, seq: i + 1, data: JSON.stringify(message(i + 1)) }));
+    await sessionStub(sessionId).deliver({ guildId: "big-batch", events });
+    await client.waitFor(() => client.messageSeqs().length === 150, "150 messages");
+    expect(client.messageSeqs()).toEqual(events.map((e) => e.seq));
+    expect(client.dispatches().map((f) => f.s)).toEqual(Array.from({ length: 151 }, (_, i) => i + 1));
+  });
+});
+
 describe("fanout", () => {
   it("is not stalled or failed by a session object that throws; the broken one is dropped", async () => {
     const guildId = "throwing";

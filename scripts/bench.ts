@@ -289,8 +289,11 @@ async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Pr
     clearTimeout(timer);
     const elapsedSeconds = ((delivered === expected ? lastDelivery : performance.now()) - started) / 1000;
     if (stopProfiling) writeFileSync(`${values.profile}-${mode}.txt`, `${summarise(await stopProfiling()).join("\n")}\n`);
-    // Let span exports land before counting them.
-    await new Promise((r) => setTimeout(r, 500));
+    // Let span exports land before counting them: until the count holds still for 1 s (at most 15 s).
+    for (let waited = 0, last = -1; waited < 15_000 && sinkSpans() !== last; waited += 1000) {
+      last = sinkSpans();
+      await new Promise((r) => setTimeout(r, 1000));
+    }
     latencies.sort((a, b) => a - b);
     let sessionRpcs: number | null = null;
     if (!singleObject) {

@@ -68,7 +68,7 @@ export class Guild extends DurableObject<Env> {
     // A bad TRANSPORT_MODE, FANOUT_SAMPLING or relay setting fails loudly here.
     this.config = deliveryConfig(env);
     this.telemetry = telemetryFor("guildwire-guild", env);
-    this.traced = this.telemetry.handleOptions((promise) => ctx.waitUntil(promise));
+    this.traced = this.telemetry.handleOptions;
     this.sql = ctx.storage.sql;
     this.sql.exec(`
       CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -134,7 +134,7 @@ export class Guild extends DurableObject<Env> {
   // ---- messages ---------------------------------------------------------------------------
 
   async createMessage(incoming: Incoming<CreateMessage>): Promise<GuildResult<Message>> {
-    return handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
+    const result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
       this.timings.time("message_create", () => {
         const denied = this.checkMember(guildId, authorId);
         if (denied) return denied;
@@ -164,6 +164,8 @@ export class Guild extends DurableObject<Env> {
       }),
       this.traced,
     );
+    await this.telemetry.flushPending();
+    return result;
   }
 
   async history(guildId: string, userId: string, after: number, limit: number): Promise<GuildResult<Message[]>> {

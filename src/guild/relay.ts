@@ -106,7 +106,7 @@ export class Relay extends DurableObject<Env> {
         }),
       );
     }
-    if (traced) this.ctx.waitUntil(this.telemetry.flush());
+    if (traced) await this.telemetry.flushPending();
   }
 
   async sessionCount(): Promise<number> {

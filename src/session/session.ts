@@ -16,7 +16,7 @@ import {
 } from "../gateway/protocol.ts";
 import type { GuildDelivery, GuildEvent } from "../guild/events.ts";
 import { type HandleOptions, handle } from "../transport/index.ts";
-import { telemetryFor } from "../telemetry/index.ts";
+import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { ResumeBuffer } from "./resume-buffer.ts";
 
 /**
@@ -78,10 +78,12 @@ export class Session extends DurableObject<Env> {
   private framesInWindow = 0;
   /** Delivery spans (only for events that arrive with a sampled carrier) and their export. */
   private readonly traced: HandleOptions;
+  private readonly telemetry: Telemetry;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
-    this.traced = telemetryFor("guildwire-session", env).handleOptions((promise) => ctx.waitUntil(promise));
+    this.telemetry = telemetryFor("guildwire-session", env);
+    this.traced = this.telemetry.handleOptions;
     this.sql = ctx.storage.sql;
     this.sql.exec(`
       CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0), data TEXT NOT NULL);
@@ -290,6 +292,7 @@ export class Session extends DurableObject<Env> {
       this.flushDispatches();
       this.setGuildSeq(delivery.guildId, lastSeq);
     });
+    await this.telemetry.flushPending(); // delivery spans, exported before this invocation ends
   }
 
   async guildAdded(guildId: string): Promise<void> {

@@ -12,13 +12,18 @@ const MAX_PENDING_SPANS = 5_000;
  * Why not @microlabs/otel-cf-workers' span processor: it exports a trace only once every span of
  * that trace in the isolate has ended, never for Durable Object RPC methods or hibernated
  * WebSocket handlers, and keeps a per-trace map it never prunes. Here, every ended span is
- * exported within the invocation that ended it: callers hand `flush()` to `waitUntil`.
+ * exported within the invocation that ended it: the Worker hands `flush()` to `waitUntil`, and
+ * Durable Objects await `flushPending()` before their RPC method returns.
  */
 export class SpanExportQueue {
   private pending: ReadableSpan[] = [];
   private dropped = 0;
 
   constructor(private readonly exporter: SpanExporter) {}
+
+  get hasPending(): boolean {
+    return this.pending.length > 0;
+  }
 
   push(span: ReadableSpan): void {
     if (this.pending.length >= MAX_PENDING_SPANS) {

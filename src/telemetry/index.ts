@@ -46,14 +46,24 @@ export class Telemetry {
     return this.queue !== null;
   }
 
-  /** Exports every span ended so far; give the promise to `waitUntil`. Never rejects. */
+  /** Exports every span ended so far; give the promise to the Worker's `waitUntil`. Never rejects. */
   flush(): Promise<void> {
     return this.queue ? this.queue.flush() : Promise.resolve();
   }
 
-  /** Options for the Transport's `handle`: spans recorded by this service, exported in `waitUntil`. */
-  handleOptions(waitUntil: (promise: Promise<unknown>) => void): HandleOptions {
-    return { tracer: this.tracer, onSpanEnd: () => waitUntil(this.flush()) };
+  /**
+   * For Durable Objects: the export of whatever spans are waiting, or `undefined` when none are
+   * (the unsampled path awaits nothing). Await it before the RPC method returns — a Durable
+   * Object's `waitUntil` does not keep the invocation alive, and an export left running when the
+   * invocation ends is cancelled without a word (seen under load: every span lost).
+   */
+  flushPending(): Promise<void> | undefined {
+    return this.queue?.hasPending ? this.queue.flush() : undefined;
+  }
+
+  /** Options for the Transport's `handle`: spans recorded by this service's tracer. */
+  get handleOptions(): HandleOptions {
+    return { tracer: this.tracer };
   }
 }
 

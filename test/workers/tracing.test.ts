@@ -60,7 +60,10 @@ describe("a sampled message is one trace: API → guild dispatch → fanout → 
     const rate = fanoutSampleRate(count);
     const chosen = ids.filter((id) => keepSampled(traceId, id, rate));
     const spans = await waitForSpans(
-      (s) => s.filter((x) => x.name === "session.deliver").length === chosen.length && s.some((x) => x.name === "guild.fanout"),
+      (s) =>
+        s.filter((x) => x.name === "session.deliver").length === chosen.length &&
+        s.some((x) => x.name === "guild.fanout") &&
+        s.some((x) => service(x) === "guildwire-api"),
       "delivery spans",
     );
     expect(spans.every((s) => s.spanContext().traceId === traceId)).toBe(true);
@@ -119,7 +122,10 @@ describe("unsampled traffic costs nothing", () => {
     const response = await postWithHeaders("invalid-parent", "invalid-parent-u0", { traceparent: "00-NOT-A-TRACEPARENT-01" });
     expect(response.status).toBe(201);
     await clients[0]!.waitFor(() => clients[0]!.messageSeqs().length === 1, "the message");
-    const spans = await waitForSpans((s) => s.some((x) => x.name === "session.deliver"), "a delivery span");
+    const spans = await waitForSpans(
+      (s) => s.some((x) => x.name === "guild.fanout") && s.some((x) => service(x) === "guildwire-api"),
+      "fanout and API spans",
+    );
     const api = spans.find((s) => service(s) === "guildwire-api")!;
     expect(api.parentSpanContext).toBeUndefined();
   });

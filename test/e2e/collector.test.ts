@@ -13,6 +13,7 @@ import { JsonTraceSerializer, ProtobufTraceSerializer } from "@opentelemetry/otl
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from "@opentelemetry/sdk-trace-base";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { parseJson } from "./helpers.ts";
 import { type Collector, MAX_BODY_BYTES, startCollector } from "../../scripts/collector.ts";
 import { randomSpanId, randomTraceId, type TraceDetail, type TraceSummary } from "./tracing-helpers.ts";
 
@@ -81,13 +82,7 @@ interface Answer {
 async function send(url: string, body: string | Uint8Array, headers: Record<string, string> = { "content-type": "application/json" }): Promise<Answer> {
   const response = await fetch(`${url}/v1/traces`, { method: "POST", headers, body: typeof body === "string" ? body : Buffer.from(body) });
   const text = await response.text();
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch {
-    parsed = undefined;
-  }
-  return { status: response.status, text, body: parsed };
+  return { status: response.status, text, body: parseJson(text) };
 }
 
 async function getJson<T>(url: string): Promise<{ status: number; body: T }> {

@@ -56,6 +56,15 @@ export function signedTokens(secret: string): TokenSource {
   return async (userId, admin) => signToken(secret, { sub: userId, role: admin ? "admin" : "user", exp: Math.floor(Date.now() / 1000) + 3600 });
 }
 
+/** JSON of a response body, or undefined when it is not JSON (error pages, empty bodies). */
+export function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
 export class Api {
   private readonly tokens = new Map<string, Promise<string>>();
 
@@ -70,13 +79,7 @@ export class Api {
     const body = options.json !== undefined ? JSON.stringify(options.json) : options.body;
     const response = await fetch(`${this.baseUrl}${path}`, { method, headers, ...(body === undefined ? {} : { body }) });
     const text = await response.text();
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(text);
-    } catch {
-      parsed = undefined;
-    }
-    return { status: response.status, headers: response.headers, text, body: parsed as T };
+    return { status: response.status, headers: response.headers, text, body: parseJson(text) as T };
   }
 
   /** A token for `userId` (cached per user and role). */

@@ -7,7 +7,7 @@ import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOpt
 import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
 import { Fanout } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
-import type { Relay, RelayAssignment } from "./relay.ts";
+import type { Relay, RelayAssignment, Released } from "./relay.ts";
 import { Timings } from "./timings.ts";
 
 export interface CreateMessage {
@@ -134,6 +134,9 @@ export class Guild extends DurableObject<Env> {
   // ---- messages ---------------------------------------------------------------------------
 
   async createMessage(incoming: Incoming<CreateMessage>): Promise<GuildResult<Message>> {
+    // After a restart in relay mode, relays learn their sessions before the next event. Awaited:
+    // work left to a Durable Object's waitUntil can be cancelled when this call returns.
+    if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
     const result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
       this.timings.time("message_create", () => {
         const denied = this.checkMember(guildId, authorId);
@@ -235,7 +238,6 @@ export class Guild extends DurableObject<Env> {
   // ---- internals --------------------------------------------------------------------------
 
   private publish(event: GuildEvent): void {
-    if (this.relayCount > 0 && !this.relaysSynced) this.ctx.waitUntil(this.syncRelays());
     const fanout = this.relayCount > 0 ? this.relays : this.sessions;
     if (this.config.transportMode === "bare") {
       fanout.publish(() => event);
@@ -297,7 +299,13 @@ export class Guild extends DurableObject<Env> {
       return subscriber ? { sessionId, ...subscriber, backlog } : null;
     };
     for (const sessionId of this.subscribers.keys()) shares[this.relayOf(sessionId)]!.push(assignment(sessionId, queued.get(sessionId) ?? [])!);
-    const released = (await Promise.all(shares.map((share, i) => this.relay(i).assign(this.guildId!, share, [], true)))).flat();
+    let released: Released[];
+    try {
+      released = (await Promise.all(shares.map((share, i) => this.relay(i).assign(this.guildId!, share, [], true)))).flat();
+    } catch (error) {
+      this.relaysSynced = false; // try again before the next event
+      throw error;
+    }
     const moved = released.map((r) => assignment(r.sessionId, r.backlog)).filter((a) => a !== null && a.backlog.length > 0);
     await Promise.all(moved.map((a) => this.relay(this.relayOf(a!.sessionId)).assign(this.guildId!, [a!], [])));
   }

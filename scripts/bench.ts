@@ -14,8 +14,9 @@
  * one Durable Object broadcasting in a loop).
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import { createServer } from "node:http";
+import { fork } from "node:child_process";
 import { cpus, totalmem } from "node:os";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
 import { startProfiling, summarise } from "./lib/cpu-profile.ts";
@@ -31,6 +32,8 @@ const { values } = parseArgs({
     concurrency: { type: "string", default: "20" },
     json: { type: "string" },
     modes: { type: "string", default: ALL_MODES.join(",") },
+    /** Alternating measured rounds of off and tiered (the other modes run one). */
+    rounds: { type: "string", default: "3" },
     /** Longest wait for a row's deliveries; a row that runs out reports what arrived by then. */
     "timeout-seconds": { type: "string", default: "180" },
     /**
@@ -49,10 +52,11 @@ const { values } = parseArgs({
 const sessions = Number(values.sessions);
 const messages = Number(values.messages);
 const concurrency = Number(values.concurrency);
+const rounds = Number(values.rounds);
 const modes = values.modes.split(",").map((m) => m.trim()) as Mode[];
 for (const mode of modes) if (!ALL_MODES.includes(mode)) throw new Error(`unknown mode ${mode}; expected ${ALL_MODES.join(", ")}`);
-if (![sessions, messages, concurrency].every((n) => Number.isSafeInteger(n) && n > 0)) {
-  throw new Error("--sessions, --messages and --concurrency must be positive integers");
+if (![sessions, messages, concurrency, rounds].every((n) => Number.isSafeInteger(n) && n > 0)) {
+  throw new Error("--sessions, --messages, --concurrency and --rounds must be positive integers");
 }
 
 export interface Row {
@@ -72,23 +76,22 @@ export interface Row {
   /** RPCs the guild made to sessions (its `fanout_rpc` timing), when it fanned out directly. */
   sessionRpcs: number | null;
   setupSeconds: number;
+  /** Each measured round; the row's figures are their medians. */
+  rounds: Round[];
 }
 
 /** Where spans go during the run: an OTLP endpoint that only counts, so export costs are real. */
 async function startSpanSink(): Promise<{ url: string; spans: () => number; close: () => void }> {
   let spans = 0;
-  const server = createServer((request, response) => {
-    let body = "";
-    request.on("data", (chunk: Buffer) => (body += chunk.toString()));
-    request.on("end", () => {
-      spans += (body.match(/"spanId"/g) ?? []).length;
-      response.writeHead(200, { "content-type": "application/json" }).end("{}");
+  const child = fork(join(import.meta.dirname, "lib/span-sink.ts"), { stdio: "inherit" });
+  const port = await new Promise<number>((resolve, reject) => {
+    child.once("error", reject);
+    child.on("message", (message: { port?: number; spans?: number }) => {
+      if (message.port !== undefined) resolve(message.port);
+      if (message.spans !== undefined) spans += message.spans;
     });
   });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const address = server.address();
-  const port = typeof address === "object" && address ? address.port : 0;
-  return { url: `http://127.0.0.1:${port}`, spans: () => spans, close: () => server.close() };
+  return { url: `http://127.0.0.1:${port}`, spans: () => spans, close: () => child.kill() };
 }
 
 const extraVars = Object.fromEntries(
@@ -182,8 +185,37 @@ async function request(url: string, init: RequestInit, expect: number[]): Promis
 }
 
 const percentile = (sorted: number[], p: number) => (sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!);
+const median = (values: number[]) => {
+  const sorted = values.slice().sort((a, b) => a - b);
+  const mid = sorted.length / 2;
+  return sorted.length % 2 === 1 ? sorted[Math.floor(mid)]! : tenths((sorted[mid - 1]! + sorted[mid]!) / 2);
+};
+const tenths = (n: number) => Math.round(n * 10) / 10;
 
-async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Promise<Row> {
+/** One measured batch of messages: what the clients saw, and what workerd spent on it. */
+export interface Round {
+  deliveries: number;
+  expectedDeliveries: number;
+  deliveriesPerSecond: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+  workerdCpuSeconds: number;
+  spansExported: number;
+  /** RPCs the guild made to sessions in the round (its `fanout_rpc` timing), when it fanned out directly. */
+  sessionRpcs: number | null;
+}
+
+/** A mode's gateway with its clients connected, ready to measure rounds. */
+interface Harness {
+  setupSeconds: number;
+  /** Posts `count` messages `concurrency` at a time and waits for every delivery (or `timeoutMs`). */
+  round(count: number, timeoutMs: number): Promise<Round>;
+  peakMemoryMb(): number;
+  close(): Promise<void>;
+}
+
+async function startHarness(mode: Mode, sinkUrl: string, sinkSpans: () => number): Promise<Harness> {
   const setupStarted = Date.now();
   const server: DevServer = await startDevServer({
     vars: varsFor(mode, sinkUrl),
@@ -191,6 +223,10 @@ async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Pr
     ...(values["wrangler-log"] ? { logFile: values["wrangler-log"] } : {}),
   });
   const sockets: WebSocket[] = [];
+  const close = async () => {
+    for (const ws of sockets) ws.terminate();
+    await server.stop();
+  };
   try {
     const pid = workerdPids(server.process.pid!);
     // Straight to the runtime, past wrangler's dev proxy (see runtimeUrl): the same Worker and
@@ -213,14 +249,10 @@ async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Pr
       });
     }
 
-    // Latency per message index: the clients parse `content` (the index) from MESSAGE_CREATE.
-    const sentAt = new Array<number>(messages).fill(0);
-    const latencies: number[] = [];
-    let delivered = 0;
-    let lastDelivery = 0;
-    let resolveAll: () => void = () => {};
-    const allDelivered = new Promise<void>((resolve) => (resolveAll = resolve));
-    const expected = sessions * messages;
+    // Messages are numbered across rounds; the clients parse `content` (the number) from
+    // MESSAGE_CREATE to find when it was posted. A round counts only its own messages.
+    const sentAt: number[] = [];
+    let current = { first: 0, latencies: [] as number[], delivered: 0, expected: 0, last: 0, done: () => {} };
 
     const wsBase = base.replace(/^http/, "ws");
     const url = singleObject ? `${wsBase}/api/dev/bench-room/${guildId}` : `${wsBase}/gateway`;
@@ -234,10 +266,12 @@ async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Pr
         ws.once("close", () => clearInterval(timer));
       } else if (frame.t === "READY") ready();
       else if (frame.t === "MESSAGE_CREATE") {
+        const index = Number(frame.d!.content);
+        if (index < current.first) return; // an earlier round's straggler
         const now = performance.now();
-        latencies.push(now - sentAt[Number(frame.d!.content)]!);
-        lastDelivery = now;
-        if (++delivered === expected) resolveAll();
+        current.latencies.push(now - sentAt[index]!);
+        current.last = now;
+        if (++current.delivered === current.expected) current.done();
       }
     };
     const connect = (i: number) =>
@@ -262,86 +296,174 @@ async function runMode(mode: Mode, sinkUrl: string, sinkSpans: () => number): Pr
       }
     });
     const setupSeconds = (Date.now() - setupStarted) / 1000;
-
-    const stopProfiling = values.profile ? await startProfiling(server.inspectorPort) : null;
-    const cpuBefore = cpuSeconds(pid);
-    const spansBefore = sinkSpans();
-    const started = performance.now();
     const postUrl = singleObject ? `${base}/api/dev/bench-room/${guildId}` : `${base}/api/guilds/${guildId}/messages`;
-    const timeoutMs = Number(mode === "naive" ? values["naive-seconds"] : values["timeout-seconds"]) * 1000;
-    const deadline = started + timeoutMs;
-    await pool(
-      Array.from({ length: messages }, (_, i) => i),
-      concurrency,
-      async (i) => {
-        // Past the row's window nothing more is posted (only the naive baseline gets that far).
-        if (performance.now() > deadline) return;
-        sentAt[i] = performance.now();
-        await request(postUrl, {
-          method: "POST",
-          headers: { Authorization: `Bearer ${tokens[i % sessions]}` },
-          body: JSON.stringify({ content: String(i) }),
-        }, [201]);
-      },
-    );
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([allDelivered, new Promise((r) => (timer = setTimeout(r, Math.max(0, deadline - performance.now()))))]);
-    clearTimeout(timer);
-    const elapsedSeconds = ((delivered === expected ? lastDelivery : performance.now()) - started) / 1000;
-    // The row ends here: what arrives later (the naive baseline's backlog) is not counted.
-    const deliveredInWindow = delivered;
-    const windowLatencies = latencies.slice().sort((a, b) => a - b);
-    if (stopProfiling) writeFileSync(`${values.profile}-${mode}.txt`, `${summarise(await stopProfiling()).join("\n")}\n`);
-    // Let span exports land before counting them: until the count holds still for 1 s (at most 15 s).
-    for (let waited = 0, last = -1; waited < 15_000 && sinkSpans() !== last; waited += 1000) {
-      last = sinkSpans();
-      await new Promise((r) => setTimeout(r, 1000));
-    }
-    let sessionRpcs: number | null = null;
-    if (!singleObject) {
+
+    // The guild's timings live in its memory: read them just before and after a round (an idle
+    // guild may be evicted between rounds, and its counts start again).
+    const sessionRpcs = async (): Promise<number> => {
+      if (singleObject) return 0;
       const timings = (await (await request(`${base}/api/guilds/${guildId}/timings`, { headers: { Authorization: `Bearer ${admin}` } }, [200])).json()) as {
         minutes: { actions: Record<string, { count: number }> }[];
       };
-      sessionRpcs = timings.minutes.reduce((n, m) => n + (m.actions.fanout_rpc?.count ?? 0), 0) || null;
-    }
-    return {
-      mode,
-      sessions,
-      messages,
-      concurrency,
-      deliveries: deliveredInWindow,
-      expectedDeliveries: expected,
-      deliveriesPerSecond: Math.round(deliveredInWindow / elapsedSeconds),
-      p50Ms: round(percentile(windowLatencies, 50)),
-      p99Ms: round(percentile(windowLatencies, 99)),
-      maxMs: round(windowLatencies[windowLatencies.length - 1] ?? NaN),
-      workerdCpuSeconds: round(cpuSeconds(pid) - cpuBefore),
-      workerdPeakMemoryMb: Math.round(peakMemoryMb(pid)),
-      spansExported: sinkSpans() - spansBefore,
-      sessionRpcs,
-      setupSeconds: round(setupSeconds),
+      return timings.minutes.reduce((n, m) => n + (m.actions.fanout_rpc?.count ?? 0), 0);
     };
-  } finally {
-    for (const ws of sockets) ws.terminate();
-    await server.stop();
+
+    const measure = async (count: number, timeoutMs: number): Promise<Round> => {
+      const rpcsBefore = await sessionRpcs();
+      const first = sentAt.length;
+      const expected = sessions * count;
+      const allDelivered = new Promise<void>((resolve) => {
+        current = { first, latencies: [], delivered: 0, expected, last: 0, done: resolve };
+      });
+      const stopProfiling = values.profile ? await startProfiling(server.inspectorPort) : null;
+      const cpuBefore = cpuSeconds(pid);
+      const spansBefore = sinkSpans();
+      const started = performance.now();
+      const deadline = started + timeoutMs;
+      sentAt.length = first + count;
+      await pool(
+        Array.from({ length: count }, (_, i) => first + i),
+        concurrency,
+        async (index) => {
+          // Past the round's window nothing more is posted (only the naive baseline gets that far).
+          if (performance.now() > deadline) return;
+          sentAt[index] = performance.now();
+          await request(postUrl, {
+            method: "POST",
+            headers: { Authorization: `Bearer ${tokens[index % sessions]}` },
+            body: JSON.stringify({ content: String(index) }),
+          }, [201]);
+        },
+      );
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([allDelivered, new Promise((r) => (timer = setTimeout(r, Math.max(0, deadline - performance.now()))))]);
+      clearTimeout(timer);
+      const { delivered, last } = current;
+      const elapsedSeconds = ((delivered === expected ? last : performance.now()) - started) / 1000;
+      // The round ends here: what arrives later (the naive baseline's backlog) is not counted.
+      const latencies = current.latencies.slice().sort((a, b) => a - b);
+      const workerdCpuSeconds = cpuSeconds(pid) - cpuBefore;
+      const rpcs = (await sessionRpcs()) - rpcsBefore;
+      if (stopProfiling) writeFileSync(`${values.profile}-${mode}.txt`, `${summarise(await stopProfiling()).join("\n")}\n`);
+      // Let span exports land before counting them: until the count holds still for 1 s (at most 15 s).
+      for (let waited = 0, seen = -1; waited < 15_000 && sinkSpans() !== seen; waited += 1000) {
+        seen = sinkSpans();
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+      return {
+        deliveries: delivered,
+        expectedDeliveries: expected,
+        deliveriesPerSecond: Math.round(delivered / elapsedSeconds),
+        p50Ms: tenths(percentile(latencies, 50)),
+        p99Ms: tenths(percentile(latencies, 99)),
+        maxMs: tenths(latencies[latencies.length - 1] ?? NaN),
+        workerdCpuSeconds: tenths(workerdCpuSeconds),
+        spansExported: sinkSpans() - spansBefore,
+        sessionRpcs: rpcs > 0 ? rpcs : null,
+      };
+    };
+
+    return {
+      setupSeconds: tenths(setupSeconds),
+      round: measure,
+      peakMemoryMb: () => Math.round(peakMemoryMb(pid)),
+      close,
+    };
+  } catch (error) {
+    await close();
+    throw error;
   }
 }
 
-const round = (n: number) => Math.round(n * 10) / 10;
+/** A row: the median of its rounds, metric by metric (one round: that round). */
+function rowOf(mode: Mode, rounds: Round[], harness: Harness): Row {
+  const mid = (key: Exclude<keyof Round, "sessionRpcs">) => median(rounds.map((r) => r[key]));
+  const rpcs = rounds.map((r) => r.sessionRpcs).filter((n) => n !== null);
+  return {
+    mode,
+    sessions,
+    messages,
+    concurrency,
+    deliveries: Math.min(...rounds.map((r) => r.deliveries)),
+    expectedDeliveries: rounds[0]!.expectedDeliveries,
+    deliveriesPerSecond: mid("deliveriesPerSecond"),
+    p50Ms: mid("p50Ms"),
+    p99Ms: mid("p99Ms"),
+    maxMs: mid("maxMs"),
+    workerdCpuSeconds: mid("workerdCpuSeconds"),
+    workerdPeakMemoryMb: harness.peakMemoryMb(),
+    spansExported: mid("spansExported"),
+    sessionRpcs: rpcs.length > 0 ? median(rpcs) : null,
+    setupSeconds: harness.setupSeconds,
+    rounds,
+  };
+}
+
+const WARM_UP = "  warm-up";
+/**
+ * Before measuring, each gateway delivers `concurrency` messages unmeasured, so first-call
+ * costs (compiling, objects starting, tables created) fall outside the rows. Not the naive
+ * baseline: a burst is what collapses it.
+ */
+async function warmUp(mode: Mode, harness: Harness): Promise<void> {
+  if (mode === "naive") return;
+  const warm = await harness.round(concurrency, 120_000);
+  process.stderr.write(`${WARM_UP} ${mode}: ${warm.deliveries}/${warm.expectedDeliveries} delivered, ${warm.deliveriesPerSecond}/s\n`);
+}
+
+const timeoutMs = (mode: Mode) => Number(mode === "naive" ? values["naive-seconds"] : values["timeout-seconds"]) * 1000;
+const report = (mode: Mode, r: Round, label = "") =>
+  process.stderr.write(
+    `  ${mode}${label}: ${r.deliveries}/${r.expectedDeliveries} delivered, ${r.deliveriesPerSecond}/s, p99 ${r.p99Ms} ms, workerd CPU ${r.workerdCpuSeconds} s${r.sessionRpcs ? `, ${r.sessionRpcs} guild→session RPCs` : ""}\n`,
+  );
 
 const sink = await startSpanSink();
 const rows: Row[] = [];
 const benchStarted = Date.now();
 try {
-  for (const mode of modes) {
+  // off and tiered, the pair the targets compare, run side by side in alternating rounds; each
+  // row is the median of its rounds, so drift and one slow round move both rows alike.
+  const paired: Mode[] = modes.filter((m) => m === "off" || m === "tiered");
+  if (paired.length > 0) {
+    process.stderr.write(`running ${paired.join(" + ")}: ${sessions} sessions, ${rounds} alternating rounds of ${messages} messages, concurrency ${concurrency}…\n`);
+    const harnesses = new Map<Mode, Harness>();
+    try {
+      for (const mode of paired) harnesses.set(mode, await startHarness(mode, sink.url, sink.spans));
+      const results = new Map<Mode, Round[]>(paired.map((m) => [m, []]));
+      for (const mode of paired) await warmUp(mode, harnesses.get(mode)!);
+      for (let r = 0; r < rounds; r++) {
+        // Alternate which goes first, so neither always follows the other.
+        for (const mode of r % 2 === 0 ? paired : paired.slice().reverse()) {
+          const result = await harnesses.get(mode)!.round(messages, timeoutMs(mode));
+          results.get(mode)!.push(result);
+          report(mode, result, ` round ${r + 1}`);
+        }
+      }
+      for (const mode of paired) {
+        const harness = harnesses.get(mode)!;
+        rows.push(rowOf(mode, results.get(mode)!, harness));
+      }
+    } finally {
+      for (const harness of harnesses.values()) await harness.close();
+    }
+  }
+  // The rest differ from these by multiples, not per cent: one round each.
+  for (const mode of modes.filter((m) => !paired.includes(m))) {
     process.stderr.write(`running ${mode}: ${sessions} sessions, ${messages} messages, concurrency ${concurrency}…\n`);
-    const row = await runMode(mode, sink.url, sink.spans);
-    rows.push(row);
-    process.stderr.write(`  ${row.deliveries}/${row.expectedDeliveries} delivered, ${row.deliveriesPerSecond}/s, p99 ${row.p99Ms} ms\n`);
+    const harness = await startHarness(mode, sink.url, sink.spans);
+    try {
+      await warmUp(mode, harness);
+      const result = await harness.round(messages, timeoutMs(mode));
+      report(mode, result);
+      rows.push(rowOf(mode, [result], harness));
+    } finally {
+      await harness.close();
+    }
   }
 } finally {
   sink.close();
 }
+rows.sort((a, b) => ALL_MODES.indexOf(a.mode) - ALL_MODES.indexOf(b.mode));
 
 const header = ["mode", "sessions", "messages", "conc", "deliveries", "deliveries/s", "p50 ms", "p99 ms", "max ms", "workerd CPU s", "peak MB", "spans", "guild→session RPCs"];
 const table = rows.map((r) => [

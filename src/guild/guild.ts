@@ -134,8 +134,8 @@ export class Guild extends DurableObject<Env> {
   // ---- messages ---------------------------------------------------------------------------
 
   async createMessage(incoming: Incoming<CreateMessage>): Promise<GuildResult<Message>> {
-    // After a restart in relay mode, relays learn their sessions before the next event. Awaited:
-    // work left to a Durable Object's waitUntil can be cancelled when this call returns.
+    // After a restart in relay mode, relays learn their sessions before the next event (awaited:
+    // no event may reach a relay before it knows its sessions).
     if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
     const result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
       this.timings.time("message_create", () => {
@@ -167,7 +167,7 @@ export class Guild extends DurableObject<Env> {
       }),
       this.traced,
     );
-    await this.telemetry.flushPending();
+    this.telemetry.exportPending(this.ctx);
     return result;
   }
 

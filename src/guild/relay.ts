@@ -106,7 +106,7 @@ export class Relay extends DurableObject<Env> {
         }),
       );
     }
-    if (traced) await this.telemetry.flushPending();
+    if (traced) this.telemetry.exportPending(this.ctx);
   }
 
   async sessionCount(): Promise<number> {

@@ -292,7 +292,7 @@ export class Session extends DurableObject<Env> {
       this.flushDispatches();
       this.setGuildSeq(delivery.guildId, lastSeq);
     });
-    await this.telemetry.flushPending(); // delivery spans, exported before this invocation ends
+    this.telemetry.exportPending(this.ctx); // delivery spans
   }
 
   async guildAdded(guildId: string): Promise<void> {

@@ -1,5 +1,5 @@
-import { OTLPExporter } from "@microlabs/otel-cf-workers";
-import { ExportResultCode } from "@opentelemetry/core";
+import { type ExportResult, ExportResultCode } from "@opentelemetry/core";
+import { JsonTraceSerializer } from "@opentelemetry/otlp-transformer";
 import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
 
 /** Spans held for export at most; beyond it the oldest are dropped (and counted). */
@@ -34,13 +34,13 @@ export class SpanExportQueue {
   }
 
   /**
-   * Exports what has ended by the next turn of the event loop (so spans ending together go in
-   * one request). Resolves when that export is done; never rejects. Every call makes its own
-   * promise and its own export request: the queue is shared by the isolate, but a promise or
-   * request begun for one invocation must not be awaited by another.
+   * Exports every span ended so far in one request. Resolves when that export is done; never
+   * rejects. Every call makes its own promise and its own request: the queue is shared by the
+   * isolate, but a promise or request begun for one invocation must not be awaited by another.
+   * No timer before the request: a timer in a Durable Object's `waitUntil` may never fire once
+   * the invocation has returned (seen here: the export never ran and its spans were lost).
    */
   async flush(): Promise<void> {
-    await scheduler.wait(0);
     const spans = this.pending;
     if (spans.length === 0) return;
     this.pending = [];
@@ -59,6 +59,23 @@ export class SpanExportQueue {
   }
 }
 
+/**
+ * OTLP/HTTP with a JSON body to `{endpoint}/v1/traces`. Reads each response to its end so the
+ * runtime can reuse the connection; @microlabs/otel-cf-workers' exporter leaves it unread.
+ */
 export function otlpExporter(endpoint: string): SpanExporter {
-  return new OTLPExporter({ url: `${endpoint.replace(/\/+$/, "")}/v1/traces` }) as unknown as SpanExporter;
+  const url = `${endpoint.replace(/\/+$/, "")}/v1/traces`;
+  return {
+    export(spans: ReadableSpan[], done: (result: ExportResult) => void): void {
+      const body = JsonTraceSerializer.serializeRequest(spans);
+      fetch(url, { method: "POST", headers: { "content-type": "application/json" }, body }).then(
+        async (response) => {
+          await response.arrayBuffer();
+          done(response.ok ? { code: ExportResultCode.SUCCESS } : { code: ExportResultCode.FAILED, error: new Error(`collector answered ${response.status}`) });
+        },
+        (error: unknown) => done({ code: ExportResultCode.FAILED, error: error instanceof Error ? error : new Error(String(error)) }),
+      );
+    },
+    async shutdown(): Promise<void> {},
+  };
 }

@@ -52,13 +52,14 @@ export class Telemetry {
   }
 
   /**
-   * For Durable Objects: the export of whatever spans are waiting, or `undefined` when none are
-   * (the unsampled path awaits nothing). Await it before the RPC method returns — a Durable
-   * Object's `waitUntil` does not keep the invocation alive, and an export left running when the
-   * invocation ends is cancelled without a word (seen under load: every span lost).
+   * For Durable Objects: exports whatever spans are waiting, in `waitUntil`, so the caller does
+   * not wait for the collector (a session's delivery RPC holds one of the fanout's in-flight
+   * slots; a guild's answer holds up the poster). Since compatibility date 2026-10-01, pending
+   * `waitUntil` work keeps a Durable Object running. Nothing waiting, nothing done: the
+   * unsampled path costs one check.
    */
-  flushPending(): Promise<void> | undefined {
-    return this.queue?.hasPending ? this.queue.flush() : undefined;
+  exportPending(ctx: { waitUntil(promise: Promise<unknown>): void }): void {
+    if (this.queue?.hasPending) ctx.waitUntil(this.queue.flush());
   }
 
   /** Options for the Transport's `handle`: spans recorded by this service's tracer. */

@@ -26,6 +26,8 @@ export interface Env {
   RELAY_SIZE?: string;
   /** RPCs in flight at once per guild or relay (default 64). */
   FANOUT_MAX_IN_FLIGHT?: string;
+  /** Events per recipient, on average, queued or in flight beyond which new messages wait. */
+  FANOUT_MAX_BACKLOG?: string;
   /** `coalesce` (default) or `naive`: the benchmark's one-RPC-per-message baseline. */
   FANOUT_STRATEGY?: string;
 }

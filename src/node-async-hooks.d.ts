@@ -5,5 +5,7 @@ declare module "node:async_hooks" {
     getStore(): T | undefined;
     run<R>(store: T, fn: () => R): R;
     disable(): void;
+    /** A function that runs its argument in the async context current at this call. */
+    static snapshot(): <R>(fn: () => R) => R;
   }
 }

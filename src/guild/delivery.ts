@@ -13,6 +13,8 @@ export interface DeliveryConfig {
   relayThreshold: number;
   relaySize: number;
   maxInFlight: number;
+  /** Events per recipient, on average, beyond which new messages wait to be admitted. */
+  maxBacklog: number;
   strategy: "coalesce" | "naive";
 }
 
@@ -32,6 +34,7 @@ export function deliveryConfig(env: Env): DeliveryConfig {
     relayThreshold: positiveInteger("RELAY_THRESHOLD", env.RELAY_THRESHOLD, 1000),
     relaySize: positiveInteger("RELAY_SIZE", env.RELAY_SIZE, 1000),
     maxInFlight: positiveInteger("FANOUT_MAX_IN_FLIGHT", env.FANOUT_MAX_IN_FLIGHT, 64),
+    maxBacklog: positiveInteger("FANOUT_MAX_BACKLOG", env.FANOUT_MAX_BACKLOG, 32),
     strategy,
   };
 }
@@ -50,6 +53,7 @@ export function sessionFanoutOptions(
 ): FanoutOptions<SessionStub> {
   return {
     maxInFlight: config.maxInFlight,
+    maxBacklog: config.maxBacklog,
     strategy: config.strategy,
     drop,
     send: (recipient, events: Incoming<GuildEvent>[]) => {

@@ -89,6 +89,8 @@ export class Guild extends DurableObject<Env> {
     );
     this.relays = new Fanout<RelayStub>({
       maxInFlight: this.config.maxInFlight,
+      maxBacklog: this.config.maxBacklog,
+      strategy: this.config.strategy,
       send: (relay, events) => {
         relay.stub ??= this.env.RELAY.get(this.env.RELAY.idFromName(relay.target));
         return relay.stub.publish(events);
@@ -137,6 +139,9 @@ export class Guild extends DurableObject<Env> {
     // After a restart in relay mode, relays learn their sessions before the next event (awaited:
     // no event may reach a relay before it knows its sessions).
     if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
+    // A guild whose fanout has fallen behind makes posters wait rather than queue without bound.
+    await (this.relayCount > 0 ? this.relays : this.sessions).admit();
+    let naiveSends: Promise<void> | undefined;
     const result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
       this.timings.time("message_create", () => {
         const denied = this.checkMember(guildId, authorId);
@@ -162,11 +167,12 @@ export class Guild extends DurableObject<Env> {
           message.timestamp,
         );
         this.lastSeq = message.seq;
-        this.publish(messageCreateEvent(message));
+        naiveSends = this.publish(messageCreateEvent(message));
         return ok(message);
       }),
       this.traced,
     );
+    await naiveSends; // the naive baseline answers once every RPC is back, as a first version would
     this.telemetry.exportPending(this.ctx);
     return result;
   }
@@ -237,13 +243,11 @@ export class Guild extends DurableObject<Env> {
 
   // ---- internals --------------------------------------------------------------------------
 
-  private publish(event: GuildEvent): void {
+  /** Fans `event` out; returns the naive baseline's sends (undefined otherwise). */
+  private publish(event: GuildEvent): Promise<void> | undefined {
     const fanout = this.relayCount > 0 ? this.relays : this.sessions;
-    if (this.config.transportMode === "bare") {
-      fanout.publish(() => event);
-      return;
-    }
-    publishEvent<SessionStub | RelayStub>(fanout as Fanout<SessionStub | RelayStub>, event, {
+    if (this.config.transportMode === "bare") return fanout.publish(() => event);
+    return publishEvent<SessionStub | RelayStub>(fanout as Fanout<SessionStub | RelayStub>, event, {
       tracer: this.telemetry.tracer,
       tiers: this.config.tiers,
       spanName: "guild.fanout",

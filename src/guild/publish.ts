@@ -27,20 +27,18 @@ export interface PublishOptions {
 }
 
 /**
- * Queues `event` for every recipient of `fanout`, from inside the operation's context.
+ * Queues `event` for every recipient of `fanout`, from inside the operation's context. Returns
+ * what `Fanout.publish` does (the naive baseline's sends, to await).
  *
  * Unsampled (the common case), every recipient gets the same bare object and tracing costs one
  * context read. Sampled, a fanout span is recorded; the carrier and its envelope are built once,
  * and a session recipient gets the envelope only if `keepSampled` chooses it at the tier rate —
  * the rest get the bare event and will create no spans.
  */
-export function publishEvent<Stub>(fanout: Fanout<Stub>, event: GuildEvent, options: PublishOptions): void {
-  if (!sampledSpanContext()) {
-    fanout.publish(() => event);
-    return;
-  }
+export function publishEvent<Stub>(fanout: Fanout<Stub>, event: GuildEvent, options: PublishOptions): Promise<void> | undefined {
+  if (!sampledSpanContext()) return fanout.publish(() => event);
   const rate = fanoutSampleRate(options.recipients, options.tiers);
-  options.tracer.startActiveSpan(
+  return options.tracer.startActiveSpan(
     options.spanName,
     {
       kind: SpanKind.PRODUCER,
@@ -56,12 +54,13 @@ export function publishEvent<Stub>(fanout: Fanout<Stub>, event: GuildEvent, opti
     },
     (span) => {
       const envelope: Incoming<GuildEvent> = wrap(event, { carrier: currentCarrier(), recipients: options.recipients });
+      let published: Promise<void> | undefined;
       if (options.recipientKind === "relays") {
-        fanout.publish(() => envelope);
+        published = fanout.publish(() => envelope);
       } else {
         const traceId = span.spanContext().traceId;
         let sampled = 0;
-        fanout.publish((recipient) => {
+        published = fanout.publish((recipient) => {
           if (!keepSampled(traceId, recipient.id, rate)) return event;
           sampled++;
           return envelope;
@@ -69,6 +68,7 @@ export function publishEvent<Stub>(fanout: Fanout<Stub>, event: GuildEvent, opti
         span.setAttribute("guildwire.fanout.sampled_recipients", sampled);
       }
       span.end();
+      return published;
     },
   );
 }

@@ -84,18 +84,23 @@ export class Relay extends DurableObject<Env> {
     return released;
   }
 
-  /** Fans events out to this relay's sessions. Returns once they are queued, not delivered. */
+  /**
+   * Fans events out to this relay's sessions. Returns once they are queued, not delivered; a
+   * relay that has fallen behind first waits for room, which holds back the guild in turn.
+   */
   async publish(events: Incoming<GuildEvent>[]): Promise<void> {
+    await this.fanout.admit();
     let traced = false;
+    const naiveSends: (Promise<void> | undefined)[] = [];
     for (const incoming of events) {
       const { message: event, carrier, recipients } = normalize(incoming);
       const parent = contextFromCarrier(carrier);
       if (!parent) {
-        this.fanout.publish(() => event);
+        naiveSends.push(this.fanout.publish(() => event));
         continue;
       }
       traced = true;
-      context.with(parent, () =>
+      naiveSends.push(context.with(parent, () =>
         publishEvent(this.fanout, event, {
           tracer: this.telemetry.tracer,
           tiers: this.config.tiers,
@@ -104,9 +109,10 @@ export class Relay extends DurableObject<Env> {
           recipients: recipients ?? this.fanout.size,
           recipientKind: "sessions",
         }),
-      );
+      ));
     }
     if (traced) this.telemetry.exportPending(this.ctx);
+    await Promise.all(naiveSends); // only the naive baseline has sends to await
   }
 
   async sessionCount(): Promise<number> {

@@ -12,8 +12,8 @@ const MAX_PENDING_SPANS = 5_000;
  * Why not @microlabs/otel-cf-workers' span processor: it exports a trace only once every span of
  * that trace in the isolate has ended, never for Durable Object RPC methods or hibernated
  * WebSocket handlers, and keeps a per-trace map it never prunes. Here, every ended span is
- * exported within the invocation that ended it: the Worker hands `flush()` to `waitUntil`, and
- * Durable Objects await `flushPending()` before their RPC method returns.
+ * exported by the invocation that ended it, in that invocation's `waitUntil` (the Worker's
+ * `flush()`, a Durable Object's `exportPending()`).
  */
 export class SpanExportQueue {
   private pending: ReadableSpan[] = [];

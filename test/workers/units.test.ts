@@ -88,7 +88,7 @@ describe("Fanout", () => {
   });
   const seqs = (events: Incoming<GuildEvent>[]) => events.map((e) => (e as GuildEvent).seq);
 
-  function harness(maxInFlight: number, fail: (sessionId: string, attempt: number) => boolean = () => false) {
+  function harness(maxInFlight: number, fail: (sessionId: string, attempt: number) => boolean = () => false, maxBacklog?: number) {
     const sent: { sessionId: string; seqs: number[] }[] = [];
     const dropped: string[] = [];
     const pending: (() => void)[] = [];
@@ -97,6 +97,7 @@ describe("Fanout", () => {
     let maxSeen = 0;
     const fanout = new Fanout<unknown>({
       maxInFlight,
+      ...(maxBacklog === undefined ? {} : { maxBacklog }),
       maxAttempts: 3,
       retryDelayMs: () => 1,
       send: (recipient: Recipient<unknown>, events) => {
@@ -176,5 +177,50 @@ describe("Fanout", () => {
       { sessionId: "s1", seqs: [1] },
       { sessionId: "s1", seqs: [2] },
     ]);
+  });
+
+  it("admits at once under the backlog bound, then makes senders wait, first come first served", async () => {
+    const h = harness(10, () => false, 2);
+    h.fanout.add("s1", "u1", "t1");
+    h.fanout.add("s2", "u2", "t2");
+    // Admitted while at most 2 events per recipient are outstanding: nothing to await.
+    for (let seq = 1; seq <= 3; seq++) {
+      expect(h.fanout.admit()).toBeUndefined();
+      h.fanout.publish(() => event(seq));
+    }
+    const admitted: string[] = [];
+    const first = h.fanout.admit()!.then(() => admitted.push("first"));
+    const second = h.fanout.admit()!.then(() => admitted.push("second"));
+    await h.tick();
+    expect(admitted).toEqual([]);
+    await h.settle(); // deliveries free room
+    await Promise.all([first, second]);
+    expect(admitted).toEqual(["first", "second"]);
+    expect(h.fanout.admit()).toBeUndefined();
+  });
+
+  it("frees the backlog of recipients that leave, are replaced or are dropped", async () => {
+    const h = harness(10, (sessionId) => sessionId === "dead", 1);
+    for (const id of ["a", "b", "dead"]) h.fanout.add(id, id, id);
+    for (let seq = 1; seq <= 3; seq++) h.fanout.publish(() => event(seq));
+    let admitted = false;
+    const waiting = h.fanout.admit()!.then(() => (admitted = true));
+    h.fanout.remove("a");
+    h.fanout.add("b", "b", "b2"); // replaced: its queue is abandoned
+    await h.settle(); // "dead" fails three times and is dropped
+    await waiting;
+    expect(admitted).toBe(true);
+    expect(h.dropped).toEqual(["dead"]);
+    expect(h.fanout.admit()).toBeUndefined();
+    h.fanout.publish(() => event(4));
+    await h.settle();
+    expect(h.sent.filter((s) => s.sessionId === "b").flatMap((s) => s.seqs)).toEqual([4]);
+  });
+
+  it("the naive baseline has no bound", () => {
+    const fanout = new Fanout<unknown>({ maxInFlight: 1, maxBacklog: 1, strategy: "naive", send: async () => {}, drop: () => {} });
+    fanout.add("s1", "u1", "t1");
+    for (let seq = 1; seq <= 5; seq++) fanout.publish(() => event(seq));
+    expect(fanout.admit()).toBeUndefined();
   });
 });

@@ -17,7 +17,7 @@ import {
 import type { GuildDelivery, GuildEvent } from "../guild/events.ts";
 import { type HandleOptions, handle } from "../transport/index.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
-import { ResumeBuffer } from "./resume-buffer.ts";
+import { type BufferedDispatch, ResumeBuffer } from "./resume-buffer.ts";
 
 /**
  * - `connecting`: HELLO sent, waiting for IDENTIFY or RESUME.
@@ -87,7 +87,6 @@ export class Session extends DurableObject<Env> {
     this.sql = ctx.storage.sql;
     this.sql.exec(`
       CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0), data TEXT NOT NULL);
-      CREATE TABLE IF NOT EXISTS guilds (guild_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
     `);
     this.buffer = new ResumeBuffer(this.sql);
     const saved = this.sql.exec<{ data: string }>("SELECT data FROM state WHERE id = 0").toArray()[0];
@@ -251,7 +250,6 @@ export class Session extends DurableObject<Env> {
       if (sessionId === this.selfId) {
         // Where the session started: keep a pointer so later resumes find it.
         this.buffer.clear();
-        this.sql.exec("DELETE FROM guilds");
         this.positions = null;
         this.setState({ status: "moved", movedTo: request.requester });
       } else {
@@ -281,7 +279,7 @@ export class Session extends DurableObject<Env> {
             if (event.seq <= lastSeq!) return lastSeq!;
             let seq = lastSeq!;
             if (event.seq > seq + 1) seq = await this.fillGap(delivery.guildId, seq, event.seq);
-            this.dispatchEvent(event);
+            this.dispatchEvent(delivery.guildId, event);
             // A sampled event's span covers its socket write; the rest go out together below.
             if (received.carrier) this.flushDispatches();
             return event.seq;
@@ -289,8 +287,7 @@ export class Session extends DurableObject<Env> {
           this.traced,
         );
       }
-      this.flushDispatches();
-      this.setGuildSeq(delivery.guildId, lastSeq);
+      this.flushDispatches(); // the buffer rows record the new position
     });
     this.telemetry.exportPending(this.ctx); // delivery spans
   }
@@ -344,7 +341,7 @@ export class Session extends DurableObject<Env> {
       const before = lastSeq;
       for (const event of missing) {
         if (event.seq !== lastSeq + 1) break;
-        this.dispatchEvent(event);
+        this.dispatchEvent(guildId, event);
         lastSeq = event.seq;
       }
       if (lastSeq === before) break; // the guild has nothing more for us (e.g. we were unsubscribed)
@@ -353,8 +350,10 @@ export class Session extends DurableObject<Env> {
     return lastSeq;
   }
 
-  private dispatchEvent(event: GuildEvent): void {
-    this.queueDispatch(event.type, event.data);
+  /** Dispatches a guild's event; its buffer row records the session's new position there. */
+  private dispatchEvent(guildId: string, event: GuildEvent): void {
+    this.queueDispatch(event.type, event.data, guildId, event.seq);
+    this.guildPositions().set(guildId, event.seq);
   }
 
   private dispatch(t: EventName, d: unknown): void {
@@ -363,14 +362,14 @@ export class Session extends DurableObject<Env> {
   }
 
   /** Numbers a dispatch; `flushDispatches` stores it in the resume buffer, then sends it. */
-  private queueDispatch(t: EventName, dataJson: string): void {
+  private queueDispatch(t: EventName, dataJson: string, guildId?: string, guildSeq?: number): void {
     const s = this.state.s + 1;
     this.state.s = s; // persisted through the buffer row: see the constructor
-    this.unsent.push({ s, frame: `{"op":${Op.DISPATCH},"t":"${t}","s":${s},"d":${dataJson}}` });
+    this.unsent.push({ s, frame: `{"op":${Op.DISPATCH},"t":"${t}","s":${s},"d":${dataJson}}`, guildId, guildSeq });
   }
 
   /** Dispatches numbered but not yet stored and sent. Stored first, so a sent one is resumable. */
-  private unsent: { s: number; frame: string }[] = [];
+  private unsent: BufferedDispatch[] = [];
 
   private flushDispatches(): void {
     if (this.unsent.length === 0) return;
@@ -452,30 +451,31 @@ export class Session extends DurableObject<Env> {
     this.sql.exec("INSERT OR REPLACE INTO state (id, data) VALUES (0, ?)", JSON.stringify(this.state));
   }
 
-  /** Last seq dispatched per guild, cached from the `guilds` table (written through). */
+  /** Last seq dispatched per subscribed guild: a cache of the resume buffer's positions. */
   private positions: Map<string, number> | null = null;
 
-  private guildSeq(guildId: string): number | undefined {
-    this.positions ??= new Map(this.guildSeqs().map((p) => [p.guildId, p.lastSeq]));
-    return this.positions.get(guildId);
+  private guildPositions(): Map<string, number> {
+    return (this.positions ??= this.buffer.positions());
   }
 
+  private guildSeq(guildId: string): number | undefined {
+    return this.guildPositions().get(guildId);
+  }
+
+  /** Subscribes at `lastSeq`, or moves there other than by dispatching (which records it itself). */
   private setGuildSeq(guildId: string, lastSeq: number): void {
     if (this.guildSeq(guildId) === lastSeq) return;
-    this.positions!.set(guildId, lastSeq);
-    this.sql.exec("INSERT OR REPLACE INTO guilds (guild_id, last_seq) VALUES (?, ?)", guildId, lastSeq);
+    this.guildPositions().set(guildId, lastSeq);
+    this.buffer.setPosition(guildId, lastSeq);
   }
 
   private deleteGuild(guildId: string): void {
-    this.positions?.delete(guildId);
-    this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
+    this.guildPositions().delete(guildId);
+    this.buffer.deletePosition(guildId);
   }
 
   private guildSeqs(): GuildPosition[] {
-    return this.sql
-      .exec<{ guild_id: string; last_seq: number }>("SELECT guild_id, last_seq FROM guilds ORDER BY guild_id")
-      .toArray()
-      .map((row) => ({ guildId: row.guild_id, lastSeq: row.last_seq }));
+    return Array.from(this.guildPositions(), ([guildId, lastSeq]) => ({ guildId, lastSeq }));
   }
 
   /** The connection's socket; looked up once per wake-up (hibernation drops this cache). */

@@ -25,6 +25,24 @@ describe("sessions over real WebSockets in workerd", () => {
     expect(client.closed).toBeNull();
   });
 
+  it("remember how far they got in a guild across hibernation, so repeated events are dropped", async () => {
+    await addMember("repeat", "rep-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("rep-user");
+    await post("repeat", "rep-user", "one");
+    await post("repeat", "rep-user", "two");
+    await client.waitFor(() => client.messageSeqs().length === 2, "two messages");
+
+    await evictDurableObject(sessionStub(sessionId), { webSockets: "hibernate" });
+    // A guild retrying a batch whose answer it never saw sends both events again.
+    const again = [1, 2].map((seq) => ({ type: "MESSAGE_CREATE" as const, seq, data: JSON.stringify({ seq, content: "again" }) }));
+    await sessionStub(sessionId).deliver({ guildId: "repeat", events: again });
+    await post("repeat", "rep-user", "three");
+    await client.waitFor(() => client.messageSeqs().length >= 3, "third message");
+    expect(client.messageSeqs()).toEqual([1, 2, 3]);
+    expect(client.dispatches().map((f) => f.s)).toEqual([1, 2, 3, 4]);
+  });
+
   it("keep receiving after the guild object is evicted (subscriptions are persisted)", async () => {
     await addMember("evict", "ev-user");
     const client = await TestClient.connect();

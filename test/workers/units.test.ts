@@ -1,3 +1,4 @@
+import { env, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import { signToken, verifyToken } from "../../src/api/auth.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
@@ -5,6 +6,7 @@ import { CloseCode } from "../../src/gateway/protocol.ts";
 import type { GuildEvent } from "../../src/guild/events.ts";
 import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
+import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
 import type { Incoming } from "../../src/transport/index.ts";
 
 const SECRET = "unit-test-secret-0123456789";
@@ -222,5 +224,55 @@ describe("Fanout", () => {
     fanout.add("s1", "u1", "t1");
     for (let seq = 1; seq <= 5; seq++) fanout.publish(() => event(seq));
     expect(fanout.admit()).toBeUndefined();
+  });
+});
+
+describe("ResumeBuffer", () => {
+  /** A fresh object's SQLite storage (a Session's: its tables are the buffer's). */
+  const inFreshStorage = <R>(fn: (sql: SqlStorage) => R) =>
+    runInDurableObject(env.SESSION.get(env.SESSION.newUniqueId()), (_instance, state) => fn(state.storage.sql));
+  const dispatch = (s: number, guildId?: string, guildSeq?: number) => ({ s, frame: `{"s":${s}}`, guildId, guildSeq });
+
+  it("keeps each guild's position in its dispatch rows, and saves it before trimming them", async () => {
+    const result = await inFreshStorage((sql) => {
+      const buffer = new ResumeBuffer(sql);
+      const start = Date.now() - 10 * 60_000;
+      buffer.setPosition("a", 0);
+      buffer.setPosition("b", 40);
+      buffer.append([dispatch(1, "a", 1), dispatch(2, "a", 2), dispatch(3, "b", 41), dispatch(4)], start);
+      const beforeTrim = Object.fromEntries(new ResumeBuffer(sql).positions()); // as after eviction
+      // 1,100 newer dispatches from guild b, old enough that guild a's rows are trimmed.
+      for (let s = 5; s < 1105; s += 20) {
+        buffer.append(Array.from({ length: 20 }, (_, i) => dispatch(s + i, "b", 37 + s + i)), start + 1);
+      }
+      // 64 dispatches now: a trim is due, and it drops every row older than a minute but the last 1,000.
+      buffer.append(Array.from({ length: 64 }, (_, i) => dispatch(1105 + i, "b", 1142 + i)));
+      return {
+        beforeTrim,
+        afterTrim: Object.fromEntries(new ResumeBuffer(sql).positions()),
+        oldest: buffer.oldestSeq(),
+        unsubscribed: (buffer.deletePosition("a"), Object.fromEntries(buffer.positions())),
+      };
+    });
+    expect(result.beforeTrim).toEqual({ a: 2, b: 41 });
+    expect(result.oldest).toBe(169); // guild a's rows are gone…
+    expect(result.afterTrim).toEqual({ a: 2, b: 1205 }); // …its position is not
+    expect(result.unsubscribed).toEqual({ b: 1205 });
+  });
+
+  it("upgrades a buffer written before rows carried positions, keeping its frames", async () => {
+    const result = await inFreshStorage((sql) => {
+      sql.exec("DROP TABLE dispatches; CREATE TABLE dispatches (s INTEGER PRIMARY KEY, frame TEXT NOT NULL, at INTEGER NOT NULL)");
+      sql.exec("INSERT INTO dispatches (s, frame, at) VALUES (1, 'old', 0)");
+      const buffer = new ResumeBuffer(sql);
+      buffer.setPosition("g", 7);
+      buffer.append([dispatch(2, "g", 8)]);
+      return { frames: buffer.framesAfter(0), positions: Object.fromEntries(new ResumeBuffer(sql).positions()) };
+    });
+    expect(result.frames).toEqual([
+      { s: 1, frame: "old" },
+      { s: 2, frame: '{"s":2}' },
+    ]);
+    expect(result.positions).toEqual({ g: 8 });
   });
 });

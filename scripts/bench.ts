@@ -6,7 +6,10 @@
  * For each mode it starts the gateway as `npm start` does (fresh wrangler dev, fresh storage),
  * connects N real WebSocket clients (identified sessions of N members of one guild), posts M
  * messages C at a time, and measures at the clients: deliveries per second and publish→receive
- * latency. Rows run one after another in one invocation, so ratios between them are meaningful.
+ * latency. `off` and `tiered` each get their own server, warmed up, and run `--rounds` measured
+ * rounds alternately (off, tiered, tiered, off, …) so drift on a shared machine hits both alike;
+ * their rows are the medians. The other modes run one round each. All rows come from one
+ * invocation, so ratios between them are meaningful. Spans go to a sink in its own process.
  *
  * Modes: `off` (no traces start), `tiered` (every message sampled, default fanout tiers),
  * `always` (every message sampled, every session keeps it: FANOUT_SAMPLING=1:1), `naive` (one
@@ -174,9 +177,21 @@ async function pool<T>(items: T[], limit: number, fn: (item: T, index: number) =
   );
 }
 
+/**
+ * A request that retries 5xx answers, and — for GETs, which are safe to repeat — a connection
+ * the server closed (a kept-alive socket that went idle during a long round).
+ */
 async function request(url: string, init: RequestInit, expect: number[]): Promise<Response> {
+  const idempotent = (init.method ?? "GET") === "GET";
   for (let attempt = 1; ; attempt++) {
-    const response = await fetch(url, init);
+    let response: Response;
+    try {
+      response = await fetch(url, init);
+    } catch (error) {
+      if (!idempotent || attempt >= 5) throw error;
+      await new Promise((r) => setTimeout(r, 100 * attempt));
+      continue;
+    }
     if (expect.includes(response.status)) return response;
     const text = await response.text();
     if (attempt >= 5 || response.status < 500) throw new Error(`${init.method ?? "GET"} ${url}: ${response.status} ${text}`);

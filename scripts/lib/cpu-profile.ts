@@ -42,15 +42,25 @@ export async function startProfiling(inspectorPort: number): Promise<() => Promi
   };
 }
 
-/** Self time per function, largest first, as lines of text. */
+/**
+ * Self time per function, largest first, as lines of text. A built-in (SQL `exec`, `send`, …)
+ * is named with the function that called it, so storage time shows where it is spent.
+ */
 export function summarise(profile: CpuProfile, top = 40): string[] {
   const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+  const parentOf = new Map<number, ProfileNode>();
+  for (const node of profile.nodes) for (const child of node.children ?? []) parentOf.set(child, node);
+  const name = (node: ProfileNode) => {
+    const { functionName, url, lineNumber } = node.callFrame;
+    return `${functionName || "(anonymous)"} ${url.split("/").slice(-2).join("/")}:${lineNumber + 1}`;
+  };
   const self = new Map<string, number>();
   let total = 0;
   profile.samples.forEach((nodeId, i) => {
     const node = byId.get(nodeId)!;
-    const { functionName, url, lineNumber } = node.callFrame;
-    const key = `${functionName || "(anonymous)"} ${url.split("/").slice(-2).join("/")}:${lineNumber + 1}`;
+    const caller = parentOf.get(node.id);
+    const builtIn = node.callFrame.url === "" && node.callFrame.functionName !== "" && !node.callFrame.functionName.startsWith("(");
+    const key = builtIn && caller ? `${name(node)} ← ${name(caller)}` : name(node);
     const delta = profile.timeDeltas[i] ?? 0;
     self.set(key, (self.get(key) ?? 0) + delta);
     total += delta;

@@ -52,7 +52,7 @@ const svg = `<svg xmlns="http://www.w3.org/2000/svg" width="820" height="310" fo
 <rect width="820" height="310" fill="#ffffff"/>
 ${panel("Deliveries per second", "higher is better", (r) => r.deliveriesPerSecond, 20)}
 ${panel("p99 publish → receive", "ms, lower is better", (r) => r.p99Ms, 420)}
-<text x="20" y="300" font-size="11" fill="#6b7280">${escape(`npm run bench -- --sessions ${first.sessions} --messages ${first.messages} --concurrency ${first.concurrency}: one run, one row per mode`)}</text>
+<text x="20" y="300" font-size="11" fill="#6b7280">${escape(`npm run bench -- --sessions ${first.sessions} --messages ${first.messages} --concurrency ${first.concurrency}: one run; off and tiered are medians of alternating rounds`)}</text>
 </svg>
 `;
 writeFileSync(output, svg);

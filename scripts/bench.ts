@@ -76,6 +76,8 @@ export interface Row {
   workerdCpuSeconds: number;
   workerdPeakMemoryMb: number;
   spansExported: number;
+  /** OTLP requests that carried them. */
+  exportRequests: number;
   /** RPCs the guild made to sessions (its `fanout_rpc` timing), when it fanned out directly. */
   sessionRpcs: number | null;
   setupSeconds: number;
@@ -84,17 +86,25 @@ export interface Row {
 }
 
 /** Where spans go during the run: an OTLP endpoint that only counts, so export costs are real. */
-async function startSpanSink(): Promise<{ url: string; spans: () => number; close: () => void }> {
-  let spans = 0;
+interface SinkCounts {
+  spans: number;
+  requests: number;
+}
+
+async function startSpanSink(): Promise<{ url: string; counts: () => SinkCounts; close: () => void }> {
+  const counts: SinkCounts = { spans: 0, requests: 0 };
   const child = fork(join(import.meta.dirname, "lib/span-sink.ts"), { stdio: "inherit" });
   const port = await new Promise<number>((resolve, reject) => {
     child.once("error", reject);
     child.on("message", (message: { port?: number; spans?: number }) => {
       if (message.port !== undefined) resolve(message.port);
-      if (message.spans !== undefined) spans += message.spans;
+      if (message.spans !== undefined) {
+        counts.spans += message.spans;
+        counts.requests++;
+      }
     });
   });
-  return { url: `http://127.0.0.1:${port}`, spans: () => spans, close: () => child.kill() };
+  return { url: `http://127.0.0.1:${port}`, counts: () => ({ ...counts }), close: () => child.kill() };
 }
 
 const extraVars = Object.fromEntries(
@@ -217,6 +227,8 @@ export interface Round {
   maxMs: number;
   workerdCpuSeconds: number;
   spansExported: number;
+  /** OTLP requests that carried them. */
+  exportRequests: number;
   /** RPCs the guild made to sessions in the round (its `fanout_rpc` timing), when it fanned out directly. */
   sessionRpcs: number | null;
 }
@@ -230,7 +242,7 @@ interface Harness {
   close(): Promise<void>;
 }
 
-async function startHarness(mode: Mode, sinkUrl: string, sinkSpans: () => number): Promise<Harness> {
+async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkCounts): Promise<Harness> {
   const setupStarted = Date.now();
   const server: DevServer = await startDevServer({
     vars: varsFor(mode, sinkUrl),
@@ -332,7 +344,7 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkSpans: () => number
       });
       const stopProfiling = values.profile ? await startProfiling(server.inspectorPort) : null;
       const cpuBefore = cpuSeconds(pid);
-      const spansBefore = sinkSpans();
+      const sinkBefore = sinkCounts();
       const started = performance.now();
       const deadline = started + timeoutMs;
       sentAt.length = first + count;
@@ -365,8 +377,8 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkSpans: () => number
       if (stopProfiling) writeFileSync(`${values.profile}-${mode}.txt`, `${summarise(await stopProfiling()).join("\n")}\n`);
       // Let span exports land before counting them: until the count holds still for 1 s (at most 15 s).
       const traced = mode === "tiered" || mode === "always";
-      for (let waited = 0, seen = -1; traced && waited < 15_000 && sinkSpans() !== seen; waited += 1000) {
-        seen = sinkSpans();
+      for (let waited = 0, seen = -1; traced && waited < 15_000 && sinkCounts().spans !== seen; waited += 1000) {
+        seen = sinkCounts().spans;
         await new Promise((r) => setTimeout(r, 1000));
       }
       return {
@@ -377,7 +389,8 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkSpans: () => number
         p99Ms: tenths(percentile(latencies, 99)),
         maxMs: tenths(latencies[latencies.length - 1] ?? NaN),
         workerdCpuSeconds: tenths(workerdCpuSeconds),
-        spansExported: sinkSpans() - spansBefore,
+        spansExported: sinkCounts().spans - sinkBefore.spans,
+        exportRequests: sinkCounts().requests - sinkBefore.requests,
         sessionRpcs: rpcs > 0 ? rpcs : null,
       };
     };
@@ -412,6 +425,7 @@ function rowOf(mode: Mode, rounds: Round[], harness: Harness): Row {
     workerdCpuSeconds: mid("workerdCpuSeconds"),
     workerdPeakMemoryMb: harness.peakMemoryMb(),
     spansExported: mid("spansExported"),
+    exportRequests: mid("exportRequests"),
     sessionRpcs: rpcs.length > 0 ? median(rpcs) : null,
     setupSeconds: harness.setupSeconds,
     rounds,
@@ -433,7 +447,7 @@ async function warmUp(mode: Mode, harness: Harness): Promise<void> {
 const timeoutMs = (mode: Mode) => Number(mode === "naive" ? values["naive-seconds"] : values["timeout-seconds"]) * 1000;
 const report = (mode: Mode, r: Round, label = "") =>
   process.stderr.write(
-    `  ${mode}${label}: ${r.deliveries}/${r.expectedDeliveries} delivered, ${r.deliveriesPerSecond}/s, p99 ${r.p99Ms} ms, workerd CPU ${r.workerdCpuSeconds} s${r.sessionRpcs ? `, ${r.sessionRpcs} guild→session RPCs` : ""}\n`,
+    `  ${mode}${label}: ${r.deliveries}/${r.expectedDeliveries} delivered, ${r.deliveriesPerSecond}/s, p99 ${r.p99Ms} ms, workerd CPU ${r.workerdCpuSeconds} s${r.spansExported ? `, ${r.spansExported} spans in ${r.exportRequests} requests` : ""}${r.sessionRpcs ? `, ${r.sessionRpcs} guild→session RPCs` : ""}\n`,
   );
 
 const sink = await startSpanSink();
@@ -447,7 +461,7 @@ try {
     process.stderr.write(`running ${paired.join(" + ")}: ${sessions} sessions, ${rounds} alternating rounds of ${messages} messages, concurrency ${concurrency}…\n`);
     const harnesses = new Map<Mode, Harness>();
     try {
-      for (const mode of paired) harnesses.set(mode, await startHarness(mode, sink.url, sink.spans));
+      for (const mode of paired) harnesses.set(mode, await startHarness(mode, sink.url, sink.counts));
       const results = new Map<Mode, Round[]>(paired.map((m) => [m, []]));
       for (const mode of paired) await warmUp(mode, harnesses.get(mode)!);
       for (let r = 0; r < rounds; r++) {
@@ -469,7 +483,7 @@ try {
   // The rest differ from these by multiples, not per cent: one round each.
   for (const mode of modes.filter((m) => !paired.includes(m))) {
     process.stderr.write(`running ${mode}: ${sessions} sessions, ${messages} messages, concurrency ${concurrency}…\n`);
-    const harness = await startHarness(mode, sink.url, sink.spans);
+    const harness = await startHarness(mode, sink.url, sink.counts);
     try {
       await warmUp(mode, harness);
       const result = await harness.round(messages, timeoutMs(mode));

@@ -3,12 +3,12 @@
  * `guildwire-session`), spans only for sampled work, OTLP/HTTP export to
  * `{OTEL_EXPORTER_OTLP_ENDPOINT}/v1/traces` within the invocation that ended them.
  *
- * Built from @microlabs/otel-cf-workers' parts (its span type and OTLP exporter) rather than its
- * `instrument`/`instrumentDO` wrappers, which (rc.52) give Durable Object RPC methods and
- * hibernated WebSocket handlers no spans and no export, build spans for unsampled requests,
- * extract every incoming traceparent in full, keep a never-pruned per-trace map, and register
- * one tracer provider per isolate — so the Worker and the objects sharing its isolate would all
- * report one `service.name`. Our tracers are passed explicitly (no global provider).
+ * Built from @microlabs/otel-cf-workers' span type and OpenTelemetry's OTLP/JSON serializer
+ * rather than otel-cf-workers' `instrument`/`instrumentDO` wrappers, which (rc.52) give Durable
+ * Object RPC methods and hibernated WebSocket handlers no spans and no export, build spans for
+ * unsampled requests, extract every incoming traceparent in full, keep a never-pruned per-trace
+ * map, and register one tracer provider per isolate — so the Worker and the objects sharing its
+ * isolate would all report one `service.name`. Our tracers are passed explicitly (no global provider).
  */
 import { context } from "@opentelemetry/api";
 import { resourceFromAttributes } from "@opentelemetry/resources";

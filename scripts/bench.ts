@@ -62,26 +62,14 @@ if (![sessions, messages, concurrency, rounds].every((n) => Number.isSafeInteger
   throw new Error("--sessions, --messages, --concurrency and --rounds must be positive integers");
 }
 
-export interface Row {
+/** A mode's result: the median of its rounds, figure by figure, and the rounds themselves. */
+export interface Row extends Round {
   mode: Mode;
   sessions: number;
   messages: number;
   concurrency: number;
-  deliveries: number;
-  expectedDeliveries: number;
-  deliveriesPerSecond: number;
-  p50Ms: number;
-  p99Ms: number;
-  maxMs: number;
-  workerdCpuSeconds: number;
   workerdPeakMemoryMb: number;
-  spansExported: number;
-  /** OTLP requests that carried them. */
-  exportRequests: number;
-  /** RPCs the guild made to sessions (its `fanout_rpc` timing), when it fanned out directly. */
-  sessionRpcs: number | null;
   setupSeconds: number;
-  /** Each measured round; the row's figures are their medians. */
   rounds: Round[];
 }
 

@@ -1,5 +1,6 @@
 import type { Env } from "../env.ts";
 import type { Session } from "../session/session.ts";
+import type { SpanRecord, Telemetry } from "../telemetry/index.ts";
 import { DEFAULT_FANOUT_SAMPLING, type FanoutTier, type Incoming, type TransportMode, parseFanoutTiers, parseTransportMode } from "../transport/index.ts";
 import type { GuildEvent } from "./events.ts";
 import type { FanoutOptions, Recipient } from "./fanout.ts";
@@ -39,27 +40,40 @@ export function deliveryConfig(env: Env): DeliveryConfig {
   };
 }
 
+export interface SessionFanoutOwner {
+  env: Env;
+  ctx: DurableObjectState;
+  config: DeliveryConfig;
+  /** Exports the spans sessions hand back, with the owner's own. */
+  telemetry: Telemetry;
+  guildId(): string;
+  drop(recipient: Recipient<SessionStub>, error: unknown): void;
+  onSent?(durationMs: number): void;
+}
+
 /**
  * Fanout options that deliver to Session objects (used by guilds directly and by relays): one
  * RPC carries every event queued for the session; the batch itself is bare, each event in it
- * is wrapped or not on its own.
+ * is wrapped or not on its own. Sampled sessions hand their delivery spans back, and the owner
+ * exports them together: when a full request's worth is waiting, on its next export, or once
+ * the fanout has nothing left in flight.
  */
-export function sessionFanoutOptions(
-  env: Env,
-  config: DeliveryConfig,
-  guildId: () => string,
-  drop: (recipient: Recipient<SessionStub>, error: unknown) => void,
-  onSent?: (durationMs: number) => void,
-): FanoutOptions<SessionStub> {
+export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<SessionStub> {
+  const { env, ctx, config, telemetry } = owner;
   return {
     maxInFlight: config.maxInFlight,
     maxBacklog: config.maxBacklog,
     strategy: config.strategy,
-    drop,
+    drop: owner.drop,
+    idle: () => telemetry.exportPending(ctx),
     send: (recipient, events: Incoming<GuildEvent>[]) => {
       recipient.stub ??= env.SESSION.get(env.SESSION.idFromString(recipient.target));
       const started = Date.now();
-      return recipient.stub.deliver({ guildId: guildId(), events }).then(() => onSent?.(Date.now() - started));
+      return recipient.stub.deliver({ guildId: owner.guildId(), events, returnSpans: true }).then((result) => {
+        owner.onSent?.(Date.now() - started);
+        // (RPC's result type widens the records' tuples, such as HrTime, to arrays.)
+        if (result?.spans) telemetry.adoptSpans(result.spans as SpanRecord[], ctx);
+      });
     },
   };
 }

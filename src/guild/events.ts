@@ -1,4 +1,5 @@
 import type { Message } from "../gateway/protocol.ts";
+import type { SpanRecord } from "../telemetry/index.ts";
 import type { Incoming } from "../transport/index.ts";
 
 /** What a guild fans out. `seq` orders a guild's events; sessions use it to drop repeats and find gaps. */
@@ -24,6 +25,17 @@ export const messageCreateEvent = (message: Message): MessageCreateEvent => ({
 export interface GuildDelivery {
   guildId: string;
   events: Incoming<GuildEvent>[];
+  /**
+   * The caller exports the delivery's spans: the session hands them back in its result instead
+   * of sending a request of its own. Callers of older versions leave it unset, and their
+   * sessions export as before.
+   */
+  returnSpans?: boolean;
+}
+
+/** A delivery's answer: the spans it recorded, when the caller asked for them and there are any. */
+export interface DeliveryResult {
+  spans?: SpanRecord[];
 }
 
 /** Errors cross Durable Object boundaries as values, shaped for the HTTP API. */

@@ -22,6 +22,8 @@ export interface FanoutOptions<Stub> {
   send(recipient: Recipient<Stub>, events: Incoming<GuildEvent>[]): Promise<void>;
   /** A recipient that kept failing is dropped; the owner forgets its subscription. */
   drop(recipient: Recipient<Stub>, error: unknown): void;
+  /** Called when the last RPC in flight settles and nothing is waiting to be sent. */
+  idle?(): void;
   /** Most RPCs in flight at once, across all recipients. */
   maxInFlight: number;
   /**
@@ -251,6 +253,7 @@ export class Fanout<Stub> {
     if (this.isCurrent(recipient)) this.schedule(recipient);
     else recipient.queue = [];
     this.pump();
+    if (!this.busy) this.options.idle?.();
   }
 
   /** Starts waiting recipients while slots are free. */

@@ -82,10 +82,18 @@ export class Guild extends DurableObject<Env> {
     this.relayCount = Number(this.meta("relay_count") ?? 0);
     this.lastSeq = this.sql.exec<{ seq: number | null }>("SELECT MAX(seq) AS seq FROM messages").one().seq ?? 0;
     this.sessions = new Fanout<SessionStub>(
-      sessionFanoutOptions(env, this.config, () => this.guildId!, (recipient, error) => {
-        console.warn(`guild ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
-        this.forget(recipient.id);
-      }, (ms) => this.timings.record("fanout_rpc", ms)),
+      sessionFanoutOptions({
+        env,
+        ctx,
+        config: this.config,
+        telemetry: this.telemetry,
+        guildId: () => this.guildId!,
+        drop: (recipient, error) => {
+          console.warn(`guild ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
+          this.forget(recipient.id);
+        },
+        onSent: (ms) => this.timings.record("fanout_rpc", ms),
+      }),
     );
     this.relays = new Fanout<RelayStub>({
       maxInFlight: this.config.maxInFlight,

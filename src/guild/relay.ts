@@ -43,10 +43,17 @@ export class Relay extends DurableObject<Env> {
     `);
     this.guildId = this.sql.exec<{ value: string }>("SELECT value FROM meta WHERE key = 'guild_id'").toArray()[0]?.value ?? "";
     this.fanout = new Fanout<SessionStub>(
-      sessionFanoutOptions(env, this.config, () => this.guildId, (recipient, error) => {
-        console.warn(`relay for ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
-        this.sql.exec("DELETE FROM members WHERE session_id = ?", recipient.id);
-        this.ctx.waitUntil(this.guild().dropSession(recipient.id).catch(() => undefined));
+      sessionFanoutOptions({
+        env,
+        ctx,
+        config: this.config,
+        telemetry: this.telemetry,
+        guildId: () => this.guildId,
+        drop: (recipient, error) => {
+          console.warn(`relay for ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
+          this.sql.exec("DELETE FROM members WHERE session_id = ?", recipient.id);
+          this.ctx.waitUntil(this.guild().dropSession(recipient.id).catch(() => undefined));
+        },
       }),
     );
     for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM members")) {
@@ -90,7 +97,6 @@ export class Relay extends DurableObject<Env> {
    */
   async publish(events: Incoming<GuildEvent>[]): Promise<void> {
     await this.fanout.admit();
-    let traced = false;
     const naiveSends: (Promise<void> | undefined)[] = [];
     for (const incoming of events) {
       const { message: event, carrier, recipients } = normalize(incoming);
@@ -99,7 +105,6 @@ export class Relay extends DurableObject<Env> {
         naiveSends.push(this.fanout.publish(() => event));
         continue;
       }
-      traced = true;
       naiveSends.push(context.with(parent, () =>
         publishEvent(this.fanout, event, {
           tracer: this.telemetry.tracer,
@@ -111,8 +116,9 @@ export class Relay extends DurableObject<Env> {
         }),
       ));
     }
-    if (traced) this.telemetry.exportPending(this.ctx);
     await Promise.all(naiveSends); // only the naive baseline has sends to await
+    // This fanout's span, and delivery spans sessions handed back since the last export.
+    this.telemetry.exportPending(this.ctx);
   }
 
   async sessionCount(): Promise<number> {

@@ -14,7 +14,7 @@ import {
   RESUME_WINDOW_MS,
   type ServerFrame,
 } from "../gateway/protocol.ts";
-import type { GuildDelivery, GuildEvent } from "../guild/events.ts";
+import type { DeliveryResult, GuildDelivery, GuildEvent } from "../guild/events.ts";
 import { type HandleOptions, handle } from "../transport/index.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type BufferedDispatch, ResumeBuffer } from "./resume-buffer.ts";
@@ -266,7 +266,7 @@ export class Session extends DurableObject<Env> {
 
   // ---- deliveries from guilds and the user directory ---------------------------------------
 
-  async deliver(delivery: GuildDelivery): Promise<void> {
+  async deliver(delivery: GuildDelivery): Promise<DeliveryResult | undefined> {
     await this.enqueue(async () => {
       if (!HOLDING.has(this.state.status)) return;
       let lastSeq = this.guildSeq(delivery.guildId);
@@ -289,7 +289,13 @@ export class Session extends DurableObject<Env> {
       }
       this.flushDispatches(); // the buffer rows record the new position
     });
-    this.telemetry.exportPending(this.ctx); // delivery spans
+    // Delivery spans: handed back for the caller to export with other sessions', or sent from here.
+    if (!delivery.returnSpans) {
+      this.telemetry.exportPending(this.ctx);
+      return undefined;
+    }
+    const spans = this.telemetry.takeSpans();
+    return spans && { spans };
   }
 
   async guildAdded(guildId: string): Promise<void> {

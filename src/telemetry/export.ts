@@ -4,6 +4,8 @@ import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
 
 /** Spans held for export at most; beyond it the oldest are dropped (and counted). */
 const MAX_PENDING_SPANS = 5_000;
+/** Spans per export request at most: ~0.5 MB of OTLP/JSON, well inside collectors' body limits. */
+export const MAX_SPANS_PER_EXPORT = 512;
 
 /**
  * Ended spans waiting for export, shared by every service in an isolate (the OTLP payload
@@ -21,8 +23,8 @@ export class SpanExportQueue {
 
   constructor(private readonly exporter: SpanExporter) {}
 
-  get hasPending(): boolean {
-    return this.pending.length > 0;
+  get pendingCount(): number {
+    return this.pending.length;
   }
 
   push(span: ReadableSpan): void {
@@ -33,18 +35,25 @@ export class SpanExportQueue {
     this.pending.push(span);
   }
 
+  /** Removes and returns every span waiting, for another invocation to export. */
+  take(): ReadableSpan[] {
+    const spans = this.pending;
+    this.pending = [];
+    return spans;
+  }
+
   /**
-   * Exports every span ended so far in one request. Resolves when that export is done; never
+   * Exports every span ended so far, up to MAX_SPANS_PER_EXPORT per request. Resolves when that export is done; never
    * rejects. Every call makes its own promise and its own request: the queue is shared by the
    * isolate, but a promise or request begun for one invocation must not be awaited by another.
    * No timer before the request: a timer in a Durable Object's `waitUntil` may never fire once
    * the invocation has returned (seen here: the export never ran and its spans were lost).
    */
   async flush(): Promise<void> {
-    const spans = this.pending;
-    if (spans.length === 0) return;
-    this.pending = [];
-    await this.export(spans);
+    const spans = this.take();
+    const batches: Promise<void>[] = [];
+    for (let from = 0; from < spans.length; from += MAX_SPANS_PER_EXPORT) batches.push(this.export(spans.slice(from, from + MAX_SPANS_PER_EXPORT)));
+    await Promise.all(batches);
   }
 
   private export(spans: ReadableSpan[]): Promise<void> {

@@ -15,8 +15,13 @@ import { resourceFromAttributes } from "@opentelemetry/resources";
 import type { SpanExporter } from "@opentelemetry/sdk-trace-base";
 import type { HandleOptions } from "../transport/index.ts";
 import { AsyncLocalStorageContextManager } from "./context.ts";
-import { SpanExportQueue, otlpExporter } from "./export.ts";
+import { MAX_SPANS_PER_EXPORT, SpanExportQueue, otlpExporter } from "./export.ts";
+import { type SpanRecord, fromSpanRecord, toSpanRecord } from "./span-record.ts";
 import { SampledTracer } from "./tracer.ts";
+
+export type { SpanRecord };
+
+type WaitUntil = { waitUntil(promise: Promise<unknown>): void };
 
 export type ServiceName = "guildwire-api" | "guildwire-guild" | "guildwire-session";
 
@@ -58,8 +63,30 @@ export class Telemetry {
    * `waitUntil` work keeps a Durable Object running. Nothing waiting, nothing done: the
    * unsampled path costs one check.
    */
-  exportPending(ctx: { waitUntil(promise: Promise<unknown>): void }): void {
-    if (this.queue?.hasPending) ctx.waitUntil(this.queue.flush());
+  exportPending(ctx: WaitUntil): void {
+    if (this.queue && this.queue.pendingCount > 0) ctx.waitUntil(this.queue.flush());
+  }
+
+  /**
+   * For a callee whose caller exports for it: removes the spans waiting here and returns them
+   * as plain data for an RPC result (undefined when there are none, the unsampled case). A
+   * session hands its delivery spans to the guild or relay, which sends the spans of many
+   * sessions in one request instead of one request per sampled session. The queue is shared
+   * by the isolate, so other spans waiting in it go along too; they are exported all the same.
+   */
+  takeSpans(): SpanRecord[] | undefined {
+    if (!this.queue || this.queue.pendingCount === 0) return undefined;
+    return this.queue.take().map(toSpanRecord);
+  }
+
+  /**
+   * Queues spans a callee handed back, to go out with this object's next export: when
+   * `exportPending` is next called, or at once when a full request's worth is waiting.
+   */
+  adoptSpans(records: SpanRecord[], ctx: WaitUntil): void {
+    if (!this.queue) return;
+    for (const record of records) this.queue.push(fromSpanRecord(record));
+    if (this.queue.pendingCount >= MAX_SPANS_PER_EXPORT) this.exportPending(ctx);
   }
 
   /** Options for the Transport's `handle`: spans recorded by this service's tracer. */

@@ -1,7 +1,8 @@
-import { SELF } from "cloudflare:test";
+import { SELF, env } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
-import { fanoutSampleRate, keepSampled } from "../../src/transport/index.ts";
+import type { GuildEvent } from "../../src/guild/events.ts";
+import { fanoutSampleRate, keepSampled, wrap } from "../../src/transport/index.ts";
 import { TestClient, addMember, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
 
@@ -104,6 +105,39 @@ describe("a sampled message is one trace: API → guild dispatch → fanout → 
     // 1,000 recipient decisions at 10%: mean 100, sigma 9.5; 4 sigma never flakes and still catches a wrong tier.
     expect(sampled).toBeGreaterThan(62);
     expect(sampled).toBeLessThan(138);
+  });
+});
+
+describe("sessions hand their delivery spans back to the fanout", () => {
+  it("returns the span to a caller that exports for it, and exports it itself for a caller that does not ask", async () => {
+    const guildId = "hand-back";
+    const { clients, ids } = await sessions(guildId, 1);
+    const session = env.SESSION.get(env.SESSION.idFromString(ids[0]!));
+    const traceId = randomTraceId();
+    const carrier = { traceparent: traceparent(traceId, true) };
+    const event = (seq: number): GuildEvent => ({
+      type: "MESSAGE_CREATE",
+      seq,
+      data: JSON.stringify({ id: `m${seq}`, guild_id: guildId, author_id: "someone", content: "hi", seq, timestamp: new Date().toISOString() }),
+    });
+
+    const asked = await session.deliver({ guildId, events: [event(1), wrap(event(2), { carrier })], returnSpans: true });
+    expect(asked?.spans?.map((span) => span.name)).toEqual(["session.deliver"]);
+    const record = asked!.spans![0]!;
+    expect(record.context.traceId).toBe(traceId);
+    expect(record.parent?.spanId).toBe("b7ad6b7169203331");
+    expect(record.resource["service.name"]).toBe("guildwire-session");
+    await scheduler.wait(100);
+    expect(ours(), "the session exported nothing itself").toEqual([]);
+
+    // An older guild or relay does not ask: the session exports its span, and returns nothing.
+    expect(await session.deliver({ guildId, events: [wrap(event(3), { carrier })] })).toBeUndefined();
+    const exported = await waitForSpans((spans) => spans.some((x) => x.name === "session.deliver"), "the exported delivery span");
+    expect(exported.map((span) => span.spanContext().traceId)).toEqual([traceId]);
+    // Unsampled, nothing comes back.
+    expect(await session.deliver({ guildId, events: [event(4)], returnSpans: true })).toBeUndefined();
+    await clients[0]!.waitFor(() => clients[0]!.messageSeqs(guildId).length === 4, "all four events");
+    expect(clients[0]!.messageSeqs(guildId)).toEqual([1, 2, 3, 4]);
   });
 });
 

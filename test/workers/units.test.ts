@@ -1,4 +1,8 @@
 import { env, runInDurableObject } from "cloudflare:test";
+import { ROOT_CONTEXT, SpanKind, SpanStatusCode, TraceFlags, createTraceState, trace } from "@opentelemetry/api";
+import { JsonTraceSerializer } from "@opentelemetry/otlp-transformer";
+import { resourceFromAttributes } from "@opentelemetry/resources";
+import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { describe, expect, it } from "vitest";
 import { signToken, verifyToken } from "../../src/api/auth.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
@@ -7,6 +11,8 @@ import type { GuildEvent } from "../../src/guild/events.ts";
 import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
+import { fromSpanRecord, toSpanRecord } from "../../src/telemetry/span-record.ts";
+import { SampledTracer } from "../../src/telemetry/tracer.ts";
 import type { Incoming } from "../../src/transport/index.ts";
 
 const SECRET = "unit-test-secret-0123456789";
@@ -97,6 +103,7 @@ describe("Fanout", () => {
     const attempts = new Map<string, number>();
     let inFlight = 0;
     let maxSeen = 0;
+    let idle = 0;
     const fanout = new Fanout<unknown>({
       maxInFlight,
       ...(maxBacklog === undefined ? {} : { maxBacklog }),
@@ -117,6 +124,7 @@ describe("Fanout", () => {
         });
       },
       drop: (recipient) => dropped.push(recipient.id),
+      idle: () => idle++,
     });
     const settle = async () => {
       for (let rounds = 0; rounds < 1000 && (pending.length > 0 || fanout.busy); rounds++) {
@@ -125,7 +133,7 @@ describe("Fanout", () => {
       }
     };
     const tick = () => new Promise((r) => setTimeout(r, 2));
-    return { fanout, sent, dropped, settle, tick, pending, maxInFlight: () => maxSeen };
+    return { fanout, sent, dropped, settle, tick, pending, maxInFlight: () => maxSeen, idleCalls: () => idle };
   }
 
   it("sends events published together in one RPC, and coalesces what queues up while it is in flight", async () => {
@@ -152,6 +160,23 @@ describe("Fanout", () => {
     for (let i = 0; i < 20; i++) {
       expect(h.sent.filter((s) => s.sessionId === `s${i}`).flatMap((s) => s.seqs)).toEqual([1, 2, 3, 4]);
     }
+  });
+
+  it("says it is idle only once the last RPC has settled and nothing is left to send", async () => {
+    const h = harness(1);
+    for (const id of ["a", "b"]) h.fanout.add(id, id, id);
+    h.fanout.publish(() => event(1));
+    await h.tick();
+    h.pending.shift()!(); // a's RPC settles; b is still waiting for the slot
+    await h.tick();
+    expect(h.idleCalls()).toBe(0);
+    h.fanout.publish(() => event(2)); // queued for a while b is in flight
+    h.pending.shift()!();
+    await h.tick();
+    expect(h.idleCalls()).toBe(0);
+    await h.settle();
+    expect(h.idleCalls()).toBe(1);
+    expect(h.sent.map((s) => `${s.sessionId}:${s.seqs}`)).toEqual(["a:1", "b:1", "a:2", "b:2"]);
   });
 
   it("retries a failing recipient in order, and drops one that keeps failing without stalling others", async () => {
@@ -224,6 +249,33 @@ describe("Fanout", () => {
     fanout.add("s1", "u1", "t1");
     for (let seq = 1; seq <= 5; seq++) fanout.publish(() => event(seq));
     expect(fanout.admit()).toBeUndefined();
+  });
+});
+
+describe("SpanRecord", () => {
+  it("carries an ended span through structured clone and serializes to the same OTLP as the span itself", () => {
+    const ended: ReadableSpan[] = [];
+    const tracer = new SampledTracer(resourceFromAttributes({ "service.name": "guildwire-session" }), 0, (span) => ended.push(span));
+    const parent = trace.setSpanContext(ROOT_CONTEXT, {
+      traceId: "4bf92f3577b34da6a3ce929d0e0e4736",
+      spanId: "00f067aa0ba902b7",
+      traceFlags: TraceFlags.SAMPLED,
+      traceState: createTraceState("vendor=a,other=b"),
+    });
+    const span = tracer.startSpan("session.deliver", { kind: SpanKind.CONSUMER, attributes: { "guildwire.seq": 7 } }, parent);
+    span.addEvent("dispatched", { frames: 2 });
+    span.setStatus({ code: SpanStatusCode.ERROR, message: "socket closed" });
+    span.end();
+
+    const revived = fromSpanRecord(structuredClone(toSpanRecord(ended[0]!)));
+    const decode = (spans: ReadableSpan[]) => JSON.parse(new TextDecoder().decode(JsonTraceSerializer.serializeRequest(spans)));
+    expect(decode([revived])).toEqual(decode(ended));
+    expect(revived.spanContext().traceState?.get("vendor")).toBe("a");
+    expect(revived.parentSpanContext?.spanId).toBe("00f067aa0ba902b7");
+    // Spans of one service share a resource, so a batch names it once.
+    const twice = decode([revived, fromSpanRecord(structuredClone(toSpanRecord(ended[0]!)))]);
+    expect(twice.resourceSpans).toHaveLength(1);
+    expect(twice.resourceSpans[0].scopeSpans[0].spans).toHaveLength(2);
   });
 });
 

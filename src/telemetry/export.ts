@@ -8,14 +8,15 @@ const MAX_PENDING_SPANS = 5_000;
 export const MAX_SPANS_PER_EXPORT = 512;
 
 /**
- * Ended spans waiting for export, shared by every service in an isolate (the OTLP payload
- * groups spans by their own resource, so one request carries api, guild and session spans).
+ * Ended spans of one service waiting for export, shared by that service's objects in an isolate
+ * (and, for guilds and relays, the delivery spans their sessions handed back).
  *
  * Why not @microlabs/otel-cf-workers' span processor: it exports a trace only once every span of
  * that trace in the isolate has ended, never for Durable Object RPC methods or hibernated
  * WebSocket handlers, and keeps a per-trace map it never prunes. Here, every ended span is
  * exported by the invocation that ended it, in that invocation's `waitUntil` (the Worker's
- * `flush()`, a Durable Object's `exportPending()`).
+ * `flush()`, a Durable Object's `exportPending()`), or handed back to the caller that exports it
+ * (a session's delivery spans: `takeSpans()` / `adoptSpans()`).
  */
 export class SpanExportQueue {
   private pending: ReadableSpan[] = [];

@@ -71,8 +71,8 @@ export class Telemetry {
    * For a callee whose caller exports for it: removes the spans waiting here and returns them
    * as plain data for an RPC result (undefined when there are none, the unsampled case). A
    * session hands its delivery spans to the guild or relay, which sends the spans of many
-   * sessions in one request instead of one request per sampled session. The queue is shared
-   * by the isolate, so other spans waiting in it go along too; they are exported all the same.
+   * sessions in one request instead of one request per sampled session. The queue is this
+   * service's in the isolate, so another session's spans waiting in it may go along too.
    */
   takeSpans(): SpanRecord[] | undefined {
     if (!this.queue || this.queue.pendingCount === 0) return undefined;
@@ -123,10 +123,13 @@ export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry
   let telemetry = telemetries.get(key);
   if (!telemetry) {
     context.setGlobalContextManager(new AsyncLocalStorageContextManager()); // no-op if one is set
-    let queue = queues.get(endpoint) ?? null;
+    // One queue per service: what a session hands back must be its own spans, never spans a
+    // guild or relay in the same isolate adopted (they would travel back and forth).
+    const queueKey = `${service}|${endpoint}`;
+    let queue = queues.get(queueKey) ?? null;
     if (!queue && (exporterOverride || endpoint)) {
       queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint));
-      queues.set(endpoint, queue);
+      queues.set(queueKey, queue);
     }
     telemetry = new Telemetry(service, queue, rootSampleRate);
     telemetries.set(key, telemetry);

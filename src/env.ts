@@ -15,6 +15,8 @@ export interface Env {
   AUTH_SECRET?: string;
   ENVIRONMENT?: string;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string;
+  /** Longest wait for one export request, in ms (default 10000). */
+  OTEL_EXPORTER_OTLP_TIMEOUT?: string;
   TRACE_SAMPLE_RATE?: string;
   FANOUT_SAMPLING?: string;
   TRANSPORT_MODE?: string;

@@ -69,22 +69,49 @@ export class SpanExportQueue {
   }
 }
 
+/** How long one export request may take by default (OTEL_EXPORTER_OTLP_TIMEOUT, as in the OTel SDKs). */
+export const DEFAULT_EXPORT_TIMEOUT_MS = 10_000;
+
+/** Answers worth one more try (OTLP/HTTP's retryable codes). */
+const RETRYABLE_STATUS = new Set([429, 502, 503, 504]);
+
+/** Parses OTEL_EXPORTER_OTLP_TIMEOUT (milliseconds); anything else is a configuration error. */
+export function parseExportTimeout(value: string | undefined): number {
+  if (value === undefined || value === "") return DEFAULT_EXPORT_TIMEOUT_MS;
+  const ms = Number(value);
+  if (!Number.isSafeInteger(ms) || ms < 1) throw new Error(`OTEL_EXPORTER_OTLP_TIMEOUT is "${value}"; expected milliseconds, a positive integer`);
+  return ms;
+}
+
 /**
  * OTLP/HTTP with a JSON body to `{endpoint}/v1/traces`. Reads each response to its end so the
  * runtime can reuse the connection; @microlabs/otel-cf-workers' exporter leaves it unread.
+ * Each attempt is cut off after `timeoutMs`: a collector that accepts and never answers must not
+ * hold every exporting object's `waitUntil` open. A lost connection (a pooled one the collector
+ * closed), a timeout or a retryable status gets one more attempt at once — a timer before it
+ * might never fire in a Durable Object's `waitUntil`.
  */
-export function otlpExporter(endpoint: string): SpanExporter {
+export function otlpExporter(endpoint: string, timeoutMs = DEFAULT_EXPORT_TIMEOUT_MS): SpanExporter {
   const url = `${endpoint.replace(/\/+$/, "")}/v1/traces`;
+  const post = async (body: Uint8Array): Promise<{ ok: boolean; retry: boolean; error?: Error }> => {
+    try {
+      const response = await fetch(url, { method: "POST", headers: { "content-type": "application/json" }, body, signal: AbortSignal.timeout(timeoutMs) });
+      await response.arrayBuffer();
+      if (response.ok) return { ok: true, retry: false };
+      return { ok: false, retry: RETRYABLE_STATUS.has(response.status), error: new Error(`collector answered ${response.status}`) };
+    } catch (error) {
+      const timedOut = error instanceof Error && error.name === "TimeoutError";
+      return { ok: false, retry: true, error: timedOut ? new Error(`no answer within ${timeoutMs} ms`) : error instanceof Error ? error : new Error(String(error)) };
+    }
+  };
   return {
     export(spans: ReadableSpan[], done: (result: ExportResult) => void): void {
-      const body = JsonTraceSerializer.serializeRequest(spans);
-      fetch(url, { method: "POST", headers: { "content-type": "application/json" }, body }).then(
-        async (response) => {
-          await response.arrayBuffer();
-          done(response.ok ? { code: ExportResultCode.SUCCESS } : { code: ExportResultCode.FAILED, error: new Error(`collector answered ${response.status}`) });
-        },
-        (error: unknown) => done({ code: ExportResultCode.FAILED, error: error instanceof Error ? error : new Error(String(error)) }),
-      );
+      const body = JsonTraceSerializer.serializeRequest(spans)!;
+      void (async () => {
+        let attempt = await post(body);
+        if (!attempt.ok && attempt.retry) attempt = await post(body);
+        done(attempt.ok ? { code: ExportResultCode.SUCCESS } : { code: ExportResultCode.FAILED, error: attempt.error! });
+      })();
     },
     async shutdown(): Promise<void> {},
   };

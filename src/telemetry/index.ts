@@ -15,7 +15,7 @@ import { resourceFromAttributes } from "@opentelemetry/resources";
 import type { SpanExporter } from "@opentelemetry/sdk-trace-base";
 import type { HandleOptions } from "../transport/index.ts";
 import { AsyncLocalStorageContextManager } from "./context.ts";
-import { MAX_SPANS_PER_EXPORT, SpanExportQueue, otlpExporter } from "./export.ts";
+import { MAX_SPANS_PER_EXPORT, SpanExportQueue, otlpExporter, parseExportTimeout } from "./export.ts";
 import { type SpanRecord, fromSpanRecord, toSpanRecord } from "./span-record.ts";
 import { SampledTracer } from "./tracer.ts";
 
@@ -27,6 +27,7 @@ export type ServiceName = "guildwire-api" | "guildwire-guild" | "guildwire-sessi
 
 export interface TelemetryEnv {
   OTEL_EXPORTER_OTLP_ENDPOINT?: string;
+  OTEL_EXPORTER_OTLP_TIMEOUT?: string;
   TRACE_SAMPLE_RATE?: string;
 }
 
@@ -128,7 +129,7 @@ export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry
     const queueKey = `${service}|${endpoint}`;
     let queue = queues.get(queueKey) ?? null;
     if (!queue && (exporterOverride || endpoint)) {
-      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint));
+      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, parseExportTimeout(env.OTEL_EXPORTER_OTLP_TIMEOUT)));
       queues.set(queueKey, queue);
     }
     telemetry = new Telemetry(service, queue, rootSampleRate);

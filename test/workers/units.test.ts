@@ -11,6 +11,7 @@ import type { GuildEvent } from "../../src/guild/events.ts";
 import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
+import { parseExportTimeout } from "../../src/telemetry/export.ts";
 import { fromSpanRecord, toSpanRecord } from "../../src/telemetry/span-record.ts";
 import { SampledTracer } from "../../src/telemetry/tracer.ts";
 import type { Incoming } from "../../src/transport/index.ts";
@@ -249,6 +250,15 @@ describe("Fanout", () => {
     fanout.add("s1", "u1", "t1");
     for (let seq = 1; seq <= 5; seq++) fanout.publish(() => event(seq));
     expect(fanout.admit()).toBeUndefined();
+  });
+});
+
+describe("OTEL_EXPORTER_OTLP_TIMEOUT", () => {
+  it("defaults to 10 s, takes milliseconds, and refuses anything else", () => {
+    expect(parseExportTimeout(undefined)).toBe(10_000);
+    expect(parseExportTimeout("")).toBe(10_000);
+    expect(parseExportTimeout("2500")).toBe(2_500);
+    for (const bad of ["0", "-1", "1.5", "10s", "abc"]) expect(() => parseExportTimeout(bad), bad).toThrow(/OTEL_EXPORTER_OTLP_TIMEOUT/);
   });
 });
 

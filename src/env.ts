@@ -15,7 +15,7 @@ export interface Env {
   AUTH_SECRET?: string;
   ENVIRONMENT?: string;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string;
-  /** Longest wait for one export request, in ms (default 10000). */
+  /** How long one span export may take in all, in ms (default 10000). */
   OTEL_EXPORTER_OTLP_TIMEOUT?: string;
   TRACE_SAMPLE_RATE?: string;
   FANOUT_SAMPLING?: string;
@@ -35,3 +35,11 @@ export interface Env {
 }
 
 export const isDevelopment = (env: Pick<Env, "ENVIRONMENT">): boolean => env.ENVIRONMENT === "development";
+
+/** A positive integer setting; unset or empty means `fallback`, anything else fails loudly. */
+export function positiveIntegerVar(name: string, value: string | undefined, fallback: number): number {
+  if (value === undefined || value === "") return fallback;
+  const parsed = Number(value);
+  if (!Number.isSafeInteger(parsed) || parsed < 1) throw new Error(`${name} is "${value}"; expected a positive integer`);
+  return parsed;
+}

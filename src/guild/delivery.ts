@@ -1,4 +1,4 @@
-import type { Env } from "../env.ts";
+import { type Env, positiveIntegerVar } from "../env.ts";
 import type { Session } from "../session/session.ts";
 import type { SpanRecord, Telemetry } from "../telemetry/index.ts";
 import { DEFAULT_FANOUT_SAMPLING, type FanoutTier, type Incoming, type TransportMode, parseFanoutTiers, parseTransportMode } from "../transport/index.ts";
@@ -19,23 +19,16 @@ export interface DeliveryConfig {
   strategy: "coalesce" | "naive";
 }
 
-function positiveInteger(name: string, value: string | undefined, fallback: number): number {
-  if (value === undefined || value === "") return fallback;
-  const parsed = Number(value);
-  if (!Number.isSafeInteger(parsed) || parsed < 1) throw new Error(`${name} is "${value}"; expected a positive integer`);
-  return parsed;
-}
-
 export function deliveryConfig(env: Env): DeliveryConfig {
   const strategy = env.FANOUT_STRATEGY || "coalesce";
   if (strategy !== "coalesce" && strategy !== "naive") throw new Error(`FANOUT_STRATEGY is "${strategy}"; expected coalesce or naive`);
   return {
     transportMode: parseTransportMode(env.TRANSPORT_MODE),
     tiers: parseFanoutTiers(env.FANOUT_SAMPLING || DEFAULT_FANOUT_SAMPLING),
-    relayThreshold: positiveInteger("RELAY_THRESHOLD", env.RELAY_THRESHOLD, 1000),
-    relaySize: positiveInteger("RELAY_SIZE", env.RELAY_SIZE, 1000),
-    maxInFlight: positiveInteger("FANOUT_MAX_IN_FLIGHT", env.FANOUT_MAX_IN_FLIGHT, 64),
-    maxBacklog: positiveInteger("FANOUT_MAX_BACKLOG", env.FANOUT_MAX_BACKLOG, 32),
+    relayThreshold: positiveIntegerVar("RELAY_THRESHOLD", env.RELAY_THRESHOLD, 1000),
+    relaySize: positiveIntegerVar("RELAY_SIZE", env.RELAY_SIZE, 1000),
+    maxInFlight: positiveIntegerVar("FANOUT_MAX_IN_FLIGHT", env.FANOUT_MAX_IN_FLIGHT, 64),
+    maxBacklog: positiveIntegerVar("FANOUT_MAX_BACKLOG", env.FANOUT_MAX_BACKLOG, 32),
     strategy,
   };
 }
@@ -69,7 +62,7 @@ export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<S
     send: (recipient, events: Incoming<GuildEvent>[]) => {
       recipient.stub ??= env.SESSION.get(env.SESSION.idFromString(recipient.target));
       const started = Date.now();
-      return recipient.stub.deliver({ guildId: owner.guildId(), events, returnSpans: true }).then((result) => {
+      return recipient.stub.deliver({ guildId: owner.guildId(), events, returnSpans: telemetry.enabled }).then((result) => {
         owner.onSent?.(Date.now() - started);
         // (RPC's result type widens the records' tuples, such as HrTime, to arrays.)
         if (result?.spans) telemetry.adoptSpans(result.spans as SpanRecord[], ctx);

@@ -22,7 +22,10 @@ export interface FanoutOptions<Stub> {
   send(recipient: Recipient<Stub>, events: Incoming<GuildEvent>[]): Promise<void>;
   /** A recipient that kept failing is dropped; the owner forgets its subscription. */
   drop(recipient: Recipient<Stub>, error: unknown): void;
-  /** Called when the last RPC in flight settles and nothing is waiting to be sent. */
+  /**
+   * Called when the last RPC in flight settles and nothing is waiting for a slot (a recipient
+   * waiting out a retry's backoff does not count). Must not throw.
+   */
   idle?(): void;
   /** Most RPCs in flight at once, across all recipients. */
   maxInFlight: number;

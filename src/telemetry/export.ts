@@ -30,8 +30,10 @@ export class SpanExportQueue {
 
   push(span: ReadableSpan): void {
     if (this.pending.length >= MAX_PENDING_SPANS) {
-      this.pending.shift();
-      this.dropped++;
+      // Drop the oldest tenth at once: one copy per 500 spans, not one per span, when full.
+      const drop = MAX_PENDING_SPANS / 10;
+      this.pending.splice(0, drop);
+      this.dropped += drop;
     }
     this.pending.push(span);
   }
@@ -44,16 +46,19 @@ export class SpanExportQueue {
   }
 
   /**
-   * Exports every span ended so far, up to MAX_SPANS_PER_EXPORT per request. Resolves when that export is done; never
-   * rejects. Every call makes its own promise and its own request: the queue is shared by the
-   * isolate, but a promise or request begun for one invocation must not be awaited by another.
-   * No timer before the request: a timer in a Durable Object's `waitUntil` may never fire once
-   * the invocation has returned (seen here: the export never ran and its spans were lost).
+   * Exports every span ended so far, at most MAX_SPANS_PER_EXPORT per request. Resolves when
+   * those exports are done; never rejects. Each call exports what it took, in requests of its
+   * own: the queue is shared by the service's objects in the isolate, and a promise or request
+   * begun for one invocation must not be awaited by another. No timer before the request: a
+   * timer in a Durable Object's `waitUntil` may never fire once the invocation has returned
+   * (seen here: the export never ran and its spans were lost).
    */
   async flush(): Promise<void> {
     const spans = this.take();
     const batches: Promise<void>[] = [];
-    for (let from = 0; from < spans.length; from += MAX_SPANS_PER_EXPORT) batches.push(this.export(spans.slice(from, from + MAX_SPANS_PER_EXPORT)));
+    for (let from = 0; from < spans.length; from += MAX_SPANS_PER_EXPORT) {
+      batches.push(this.export(spans.slice(from, from + MAX_SPANS_PER_EXPORT)));
+    }
     await Promise.all(batches);
   }
 
@@ -69,47 +74,43 @@ export class SpanExportQueue {
   }
 }
 
-/** How long one export request may take by default (OTEL_EXPORTER_OTLP_TIMEOUT, as in the OTel SDKs). */
+/** How long one export may take by default (OTEL_EXPORTER_OTLP_TIMEOUT, as in the OTel SDKs). */
 export const DEFAULT_EXPORT_TIMEOUT_MS = 10_000;
 
-/** Answers worth one more try (OTLP/HTTP's retryable codes). */
-const RETRYABLE_STATUS = new Set([429, 502, 503, 504]);
-
-/** Parses OTEL_EXPORTER_OTLP_TIMEOUT (milliseconds); anything else is a configuration error. */
-export function parseExportTimeout(value: string | undefined): number {
-  if (value === undefined || value === "") return DEFAULT_EXPORT_TIMEOUT_MS;
-  const ms = Number(value);
-  if (!Number.isSafeInteger(ms) || ms < 1) throw new Error(`OTEL_EXPORTER_OTLP_TIMEOUT is "${value}"; expected milliseconds, a positive integer`);
-  return ms;
-}
+/** Answers that say "try again": a gateway in front of the collector failed or is restarting. */
+const RETRYABLE_STATUS = new Set([502, 503, 504]);
 
 /**
  * OTLP/HTTP with a JSON body to `{endpoint}/v1/traces`. Reads each response to its end so the
  * runtime can reuse the connection; @microlabs/otel-cf-workers' exporter leaves it unread.
- * Each attempt is cut off after `timeoutMs`: a collector that accepts and never answers must not
- * hold every exporting object's `waitUntil` open. A lost connection (a pooled one the collector
- * closed), a timeout or a retryable status gets one more attempt at once — a timer before it
- * might never fire in a Durable Object's `waitUntil`.
+ *
+ * An export has `timeoutMs` in all (OTEL_EXPORTER_OTLP_TIMEOUT's meaning): a collector that
+ * accepts and never answers must not hold every exporting object's `waitUntil` open. Within it,
+ * a lost connection (a pooled one the collector closed) or a 502/503/504 gets one more attempt,
+ * at once — a timer before it might never fire in a Durable Object's `waitUntil`. A 429 is not
+ * retried at once (the collector is shedding load), nor is a timeout (the collector may have
+ * taken the spans and be slow to say so).
  */
 export function otlpExporter(endpoint: string, timeoutMs = DEFAULT_EXPORT_TIMEOUT_MS): SpanExporter {
   const url = `${endpoint.replace(/\/+$/, "")}/v1/traces`;
-  const post = async (body: Uint8Array): Promise<{ ok: boolean; retry: boolean; error?: Error }> => {
+  const post = async (body: Uint8Array, signal: AbortSignal): Promise<{ ok: boolean; retry: boolean; error?: Error }> => {
     try {
-      const response = await fetch(url, { method: "POST", headers: { "content-type": "application/json" }, body, signal: AbortSignal.timeout(timeoutMs) });
+      const response = await fetch(url, { method: "POST", headers: { "content-type": "application/json" }, body, signal });
       await response.arrayBuffer();
       if (response.ok) return { ok: true, retry: false };
       return { ok: false, retry: RETRYABLE_STATUS.has(response.status), error: new Error(`collector answered ${response.status}`) };
     } catch (error) {
-      const timedOut = error instanceof Error && error.name === "TimeoutError";
-      return { ok: false, retry: true, error: timedOut ? new Error(`no answer within ${timeoutMs} ms`) : error instanceof Error ? error : new Error(String(error)) };
+      if (signal.aborted) return { ok: false, retry: false, error: new Error(`no answer within ${timeoutMs} ms`) };
+      return { ok: false, retry: true, error: error instanceof Error ? error : new Error(String(error)) };
     }
   };
   return {
     export(spans: ReadableSpan[], done: (result: ExportResult) => void): void {
       const body = JsonTraceSerializer.serializeRequest(spans)!;
+      const signal = AbortSignal.timeout(timeoutMs);
       void (async () => {
-        let attempt = await post(body);
-        if (!attempt.ok && attempt.retry) attempt = await post(body);
+        let attempt = await post(body, signal);
+        if (!attempt.ok && attempt.retry) attempt = await post(body, signal);
         done(attempt.ok ? { code: ExportResultCode.SUCCESS } : { code: ExportResultCode.FAILED, error: attempt.error! });
       })();
     },

@@ -1,7 +1,8 @@
 /**
  * OpenTelemetry for guildwire: one tracer per service (`guildwire-api`, `guildwire-guild`,
  * `guildwire-session`), spans only for sampled work, OTLP/HTTP export to
- * `{OTEL_EXPORTER_OTLP_ENDPOINT}/v1/traces` within the invocation that ended them.
+ * `{OTEL_EXPORTER_OTLP_ENDPOINT}/v1/traces` within the invocation that ended them — or, for a
+ * session's delivery spans, by the guild or relay the session hands them back to.
  *
  * Built from @microlabs/otel-cf-workers' span type and OpenTelemetry's OTLP/JSON serializer
  * rather than otel-cf-workers' `instrument`/`instrumentDO` wrappers, which (rc.52) give Durable
@@ -15,7 +16,8 @@ import { resourceFromAttributes } from "@opentelemetry/resources";
 import type { SpanExporter } from "@opentelemetry/sdk-trace-base";
 import type { HandleOptions } from "../transport/index.ts";
 import { AsyncLocalStorageContextManager } from "./context.ts";
-import { MAX_SPANS_PER_EXPORT, SpanExportQueue, otlpExporter, parseExportTimeout } from "./export.ts";
+import { positiveIntegerVar } from "../env.ts";
+import { DEFAULT_EXPORT_TIMEOUT_MS, MAX_SPANS_PER_EXPORT, SpanExportQueue, otlpExporter } from "./export.ts";
 import { type SpanRecord, fromSpanRecord, toSpanRecord } from "./span-record.ts";
 import { SampledTracer } from "./tracer.ts";
 
@@ -65,7 +67,14 @@ export class Telemetry {
    * unsampled path costs one check.
    */
   exportPending(ctx: WaitUntil): void {
-    if (this.queue && this.queue.pendingCount > 0) ctx.waitUntil(this.queue.flush());
+    if (!this.queue || this.queue.pendingCount === 0) return;
+    const flushed = this.queue.flush();
+    try {
+      ctx.waitUntil(flushed);
+    } catch (error) {
+      // Tracing must never fail the work it observes; the export is under way regardless.
+      console.warn("trace export: waitUntil refused:", error);
+    }
   }
 
   /**
@@ -86,7 +95,14 @@ export class Telemetry {
    */
   adoptSpans(records: SpanRecord[], ctx: WaitUntil): void {
     if (!this.queue) return;
-    for (const record of records) this.queue.push(fromSpanRecord(record));
+    for (const record of records) {
+      try {
+        this.queue.push(fromSpanRecord(record));
+      } catch (error) {
+        // Not a record this version can read (e.g. from a newer session during a rollout).
+        console.warn("trace export: dropping a span record this version cannot read:", error);
+      }
+    }
     if (this.queue.pendingCount >= MAX_SPANS_PER_EXPORT) this.exportPending(ctx);
   }
 
@@ -115,6 +131,10 @@ export function parseSampleRate(value: string | undefined): number {
   return rate;
 }
 
+/** OTEL_EXPORTER_OTLP_TIMEOUT: milliseconds an export may take in all. */
+export const exportTimeout = (env: TelemetryEnv): number =>
+  positiveIntegerVar("OTEL_EXPORTER_OTLP_TIMEOUT", env.OTEL_EXPORTER_OTLP_TIMEOUT, DEFAULT_EXPORT_TIMEOUT_MS);
+
 /** The telemetry of one service, shared within the isolate. */
 export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry {
   const endpoint = env.OTEL_EXPORTER_OTLP_ENDPOINT ?? "";
@@ -129,7 +149,7 @@ export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry
     const queueKey = `${service}|${endpoint}`;
     let queue = queues.get(queueKey) ?? null;
     if (!queue && (exporterOverride || endpoint)) {
-      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, parseExportTimeout(env.OTEL_EXPORTER_OTLP_TIMEOUT)));
+      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, exportTimeout(env)));
       queues.set(queueKey, queue);
     }
     telemetry = new Telemetry(service, queue, rootSampleRate);

@@ -1,8 +1,9 @@
 import { env, runInDurableObject } from "cloudflare:test";
 import { ROOT_CONTEXT, SpanKind, SpanStatusCode, TraceFlags, createTraceState, trace } from "@opentelemetry/api";
+import { ExportResultCode } from "@opentelemetry/core";
 import { JsonTraceSerializer } from "@opentelemetry/otlp-transformer";
 import { resourceFromAttributes } from "@opentelemetry/resources";
-import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
+import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
 import { describe, expect, it } from "vitest";
 import { signToken, verifyToken } from "../../src/api/auth.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
@@ -11,7 +12,8 @@ import type { GuildEvent } from "../../src/guild/events.ts";
 import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
-import { parseExportTimeout } from "../../src/telemetry/export.ts";
+import { SpanExportQueue } from "../../src/telemetry/export.ts";
+import { type SpanRecord, Telemetry, exportTimeout } from "../../src/telemetry/index.ts";
 import { fromSpanRecord, toSpanRecord } from "../../src/telemetry/span-record.ts";
 import { SampledTracer } from "../../src/telemetry/tracer.ts";
 import type { Incoming } from "../../src/transport/index.ts";
@@ -255,10 +257,62 @@ describe("Fanout", () => {
 
 describe("OTEL_EXPORTER_OTLP_TIMEOUT", () => {
   it("defaults to 10 s, takes milliseconds, and refuses anything else", () => {
-    expect(parseExportTimeout(undefined)).toBe(10_000);
-    expect(parseExportTimeout("")).toBe(10_000);
-    expect(parseExportTimeout("2500")).toBe(2_500);
-    for (const bad of ["0", "-1", "1.5", "10s", "abc"]) expect(() => parseExportTimeout(bad), bad).toThrow(/OTEL_EXPORTER_OTLP_TIMEOUT/);
+    expect(exportTimeout({})).toBe(10_000);
+    expect(exportTimeout({ OTEL_EXPORTER_OTLP_TIMEOUT: "" })).toBe(10_000);
+    expect(exportTimeout({ OTEL_EXPORTER_OTLP_TIMEOUT: "2500" })).toBe(2_500);
+    for (const bad of ["0", "-1", "1.5", "10s", "abc"]) {
+      expect(() => exportTimeout({ OTEL_EXPORTER_OTLP_TIMEOUT: bad }), bad).toThrow(/OTEL_EXPORTER_OTLP_TIMEOUT/);
+    }
+  });
+});
+
+describe("span export batching", () => {
+  /** Ended spans of the session service, and an exporter that records each request's size. */
+  function setup() {
+    const requests: number[] = [];
+    const exporter: SpanExporter = {
+      export: (spans, done) => {
+        requests.push(spans.length);
+        done({ code: ExportResultCode.SUCCESS });
+      },
+      shutdown: async () => {},
+    };
+    const ended: ReadableSpan[] = [];
+    const tracer = new SampledTracer(resourceFromAttributes({ "service.name": "guildwire-session" }), 0, (span) => ended.push(span));
+    const parent = trace.setSpanContext(ROOT_CONTEXT, { traceId: "4bf92f3577b34da6a3ce929d0e0e4736", spanId: "00f067aa0ba902b7", traceFlags: TraceFlags.SAMPLED });
+    const spans = (count: number) => {
+      ended.length = 0;
+      for (let i = 0; i < count; i++) tracer.startSpan("session.deliver", {}, parent).end();
+      return ended.slice();
+    };
+    return { requests, exporter, spans };
+  }
+
+  it("sends at most 512 spans per request, and drops the oldest (counted) beyond 5,000 waiting", async () => {
+    const { requests, exporter, spans } = setup();
+    const queue = new SpanExportQueue(exporter);
+    for (const span of spans(1_100)) queue.push(span);
+    await queue.flush();
+    expect(requests).toEqual([512, 512, 76]);
+
+    const many = spans(5_001);
+    for (const span of many) queue.push(span);
+    expect(queue.pendingCount).toBe(4_501);
+    expect(queue.take()[0]).toBe(many[500]); // the oldest 500 went
+  });
+
+  it("a fanout exports the spans sessions hand back once a request's worth waits, and skips records it cannot read", async () => {
+    const { requests, exporter, spans } = setup();
+    const guild = new Telemetry("guildwire-guild", new SpanExportQueue(exporter), 0);
+    const exports: Promise<unknown>[] = [];
+    const ctx = { waitUntil: (promise: Promise<unknown>) => void exports.push(promise) };
+    const records = spans(300).map(toSpanRecord);
+    guild.adoptSpans(structuredClone(records), ctx);
+    expect(exports, "300 waiting: not yet").toHaveLength(0);
+    guild.adoptSpans([...structuredClone(records), { name: "not a record" } as unknown as SpanRecord], ctx);
+    expect(exports, "600 waiting: exported").toHaveLength(1);
+    await Promise.all(exports);
+    expect(requests).toEqual([512, 88]);
   });
 });
 

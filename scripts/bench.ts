@@ -422,8 +422,8 @@ function rowOf(mode: Mode, rounds: Round[], harness: Harness): Row {
 
 const WARM_UP = "  warm-up";
 /**
- * Before measuring, each gateway delivers `concurrency` messages unmeasured, so first-call
- * costs (compiling, objects starting, tables created) fall outside the rows. Not the naive
+ * Before each measured round, its gateway delivers `concurrency` messages unmeasured, so
+ * first-call costs (compiling, objects starting or waking, tables created) fall outside the rows. Not the naive
  * baseline: a burst is what collapses it.
  */
 async function warmUp(mode: Mode, harness: Harness): Promise<void> {
@@ -451,10 +451,14 @@ try {
     try {
       for (const mode of paired) harnesses.set(mode, await startHarness(mode, sink.url, sink.counts));
       const results = new Map<Mode, Round[]>(paired.map((m) => [m, []]));
-      for (const mode of paired) await warmUp(mode, harnesses.get(mode)!);
       for (let r = 0; r < rounds; r++) {
         // Alternate which goes first, so neither always follows the other.
         for (const mode of r % 2 === 0 ? paired : paired.slice().reverse()) {
+          // Warm up before every round, not only the first: a server left idle while the other
+          // ran (20–40 s) has hibernated its sessions, and waking 1,000 objects inside a round
+          // made it slower. Without this, ABBA order gave tiered two such cold rounds of three
+          // and off one.
+          await warmUp(mode, harnesses.get(mode)!);
           const result = await harnesses.get(mode)!.round(messages, timeoutMs(mode));
           results.get(mode)!.push(result);
           report(mode, result, ` round ${r + 1}`);

@@ -6,12 +6,13 @@
  * For each mode it starts the gateway as `npm start` does (fresh wrangler dev, fresh storage),
  * connects N real WebSocket clients (identified sessions of N members of one guild), posts M
  * messages C at a time, and measures at the clients: deliveries per second and publish→receive
- * latency. `off` and `tiered` each get their own server, warmed up, and run `--rounds` measured
- * rounds alternately (off, tiered, tiered, off, …) so drift on a shared machine hits both alike;
- * their rows are the medians. The other modes run one round each. All rows come from one
+ * latency. `off` and `tiered` share one server (tracing configured as `tiered`; an `off` round's
+ * requests carry an unsampled traceparent, so nothing in it is traced) and run `--rounds` measured
+ * rounds alternately (off, tiered, tiered, off, …), each after a warm-up, so drift on a shared
+ * machine hits both alike; their rows are the medians. The other modes run one round each. All rows come from one
  * invocation, so ratios between them are meaningful. Spans go to a sink in its own process.
  *
- * Modes: `off` (no traces start), `tiered` (every message sampled, default fanout tiers),
+ * Modes: `off` (no traces start: every request carries `traceparent: …-00`), `tiered` (every message sampled, default fanout tiers),
  * `always` (every message sampled, every session keeps it: FANOUT_SAMPLING=1:1), `naive` (one
  * awaited RPC per session per message, unbounded, no batching), `single-object` (every socket in
  * one Durable Object broadcasting in a loop).
@@ -106,8 +107,7 @@ const extraVars = Object.fromEntries(
 function varsFor(mode: Mode, sinkUrl: string): Record<string, string> {
   const common = { ...extraVars, OTEL_EXPORTER_OTLP_ENDPOINT: sinkUrl };
   switch (mode) {
-    case "off":
-      return { ...common, TRACE_SAMPLE_RATE: "0" };
+    case "off": // its rounds run on the tiered server, with unsampled requests
     case "tiered":
       return { ...common, TRACE_SAMPLE_RATE: "1" };
     case "always":
@@ -197,6 +197,13 @@ async function request(url: string, init: RequestInit, expect: number[]): Promis
   }
 }
 
+/** An off round's requests say "not sampled": no span is made anywhere for them. */
+function tracingHeaders(traced: boolean): Record<string, string> {
+  if (traced) return {};
+  const hex = (bytes: number) => Array.from(crypto.getRandomValues(new Uint8Array(bytes)), (b) => b.toString(16).padStart(2, "0")).join("");
+  return { traceparent: `00-${hex(16)}-${hex(8)}-00` };
+}
+
 const percentile = (sorted: number[], p: number) => (sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!);
 const median = (values: number[]) => {
   const sorted = values.slice().sort((a, b) => a - b);
@@ -224,8 +231,11 @@ export interface Round {
 /** A mode's gateway with its clients connected, ready to measure rounds. */
 interface Harness {
   setupSeconds: number;
-  /** Posts `count` messages `concurrency` at a time and waits for every delivery (or `timeoutMs`). */
-  round(count: number, timeoutMs: number): Promise<Round>;
+  /**
+   * Posts `count` messages `concurrency` at a time and waits for every delivery (or `timeoutMs`).
+   * Untraced, every request carries an unsampled traceparent: nothing of the round is traced.
+   */
+  round(count: number, timeoutMs: number, traced?: boolean): Promise<Round>;
   peakMemoryMb(): number;
   close(): Promise<void>;
 }
@@ -315,16 +325,17 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
 
     // The guild's timings live in its memory: read them just before and after a round (an idle
     // guild may be evicted between rounds, and its counts start again).
-    const sessionRpcs = async (): Promise<number> => {
+    const sessionRpcs = async (traced: boolean): Promise<number> => {
       if (singleObject) return 0;
-      const timings = (await (await request(`${base}/api/guilds/${guildId}/timings`, { headers: { Authorization: `Bearer ${admin}` } }, [200])).json()) as {
+      const headers = { Authorization: `Bearer ${admin}`, ...tracingHeaders(traced) };
+      const timings = (await (await request(`${base}/api/guilds/${guildId}/timings`, { headers }, [200])).json()) as {
         minutes: { actions: Record<string, { count: number }> }[];
       };
       return timings.minutes.reduce((n, m) => n + (m.actions.fanout_rpc?.count ?? 0), 0);
     };
 
-    const measure = async (count: number, timeoutMs: number): Promise<Round> => {
-      const rpcsBefore = await sessionRpcs();
+    const measure = async (count: number, timeoutMs: number, traced = true): Promise<Round> => {
+      const rpcsBefore = await sessionRpcs(traced);
       const first = sentAt.length;
       const expected = sessions * count;
       const allDelivered = new Promise<void>((resolve) => {
@@ -345,7 +356,7 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
           sentAt[index] = performance.now();
           await request(postUrl, {
             method: "POST",
-            headers: { Authorization: `Bearer ${tokens[index % sessions]}` },
+            headers: { Authorization: `Bearer ${tokens[index % sessions]}`, ...tracingHeaders(traced) },
             body: JSON.stringify({ content: String(index) }),
           }, [201]);
         },
@@ -361,11 +372,11 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
       // The round ends here: what arrives later (the naive baseline's backlog) is not counted.
       const latencies = current.latencies.slice().sort((a, b) => a - b);
       const workerdCpuSeconds = cpuSeconds(pid) - cpuBefore;
-      const rpcs = (await sessionRpcs()) - rpcsBefore;
+      const rpcs = (await sessionRpcs(traced)) - rpcsBefore;
       if (stopProfiling) writeFileSync(`${values.profile}-${mode}.txt`, `${summarise(await stopProfiling()).join("\n")}\n`);
       // Let span exports land before counting them: until the count holds still for 1 s (at most 15 s).
-      const traced = mode === "tiered" || mode === "always";
-      for (let waited = 0, seen = -1; traced && waited < 15_000 && sinkCounts().spans !== seen; waited += 1000) {
+      const exporting = traced && (mode === "tiered" || mode === "always");
+      for (let waited = 0, seen = -1; exporting && waited < 15_000 && sinkCounts().spans !== seen; waited += 1000) {
         seen = sinkCounts().spans;
         await new Promise((r) => setTimeout(r, 1000));
       }
@@ -428,7 +439,7 @@ const WARM_UP = "  warm-up";
  */
 async function warmUp(mode: Mode, harness: Harness): Promise<void> {
   if (mode === "naive") return;
-  const warm = await harness.round(concurrency, 120_000);
+  const warm = await harness.round(concurrency, 120_000, mode !== "off");
   process.stderr.write(`${WARM_UP} ${mode}: ${warm.deliveries}/${warm.expectedDeliveries} delivered, ${warm.deliveriesPerSecond}/s\n`);
 }
 
@@ -442,34 +453,30 @@ const sink = await startSpanSink();
 const rows: Row[] = [];
 const benchStarted = Date.now();
 try {
-  // off and tiered, the pair the targets compare, run side by side in alternating rounds; each
-  // row is the median of its rounds, so drift and one slow round move both rows alike.
+  // off and tiered, the pair the targets compare, run on one server in alternating rounds (an
+  // off round's requests are unsampled); each row is the median of its rounds, so drift and one
+  // slow round move both rows alike. Two servers, one per mode, were tried first: an A/A run (both
+  // untraced) then differed by 1.35× in p99 depending on which server started first.
   const paired: Mode[] = modes.filter((m) => m === "off" || m === "tiered");
   if (paired.length > 0) {
     process.stderr.write(`running ${paired.join(" + ")}: ${sessions} sessions, ${rounds} alternating rounds of ${messages} messages, concurrency ${concurrency}…\n`);
-    const harnesses = new Map<Mode, Harness>();
+    let shared: Harness | undefined;
     try {
-      for (const mode of paired) harnesses.set(mode, await startHarness(mode, sink.url, sink.counts));
+      shared = await startHarness("tiered", sink.url, sink.counts);
+      const harness = shared;
       const results = new Map<Mode, Round[]>(paired.map((m) => [m, []]));
       for (let r = 0; r < rounds; r++) {
         // Alternate which goes first, so neither always follows the other.
         for (const mode of r % 2 === 0 ? paired : paired.slice().reverse()) {
-          // Warm up before every round, not only the first: a server left idle while the other
-          // ran (20–40 s) has hibernated its sessions, and waking 1,000 objects inside a round
-          // made it slower. Without this, ABBA order gave tiered two such cold rounds of three
-          // and off one.
-          await warmUp(mode, harnesses.get(mode)!);
-          const result = await harnesses.get(mode)!.round(messages, timeoutMs(mode));
+          await warmUp(mode, harness);
+          const result = await harness.round(messages, timeoutMs(mode), mode !== "off");
           results.get(mode)!.push(result);
           report(mode, result, ` round ${r + 1}`);
         }
       }
-      for (const mode of paired) {
-        const harness = harnesses.get(mode)!;
-        rows.push(rowOf(mode, results.get(mode)!, harness));
-      }
+      for (const mode of paired) rows.push(rowOf(mode, results.get(mode)!, harness));
     } finally {
-      for (const harness of harnesses.values()) await harness.close();
+      await shared?.close();
     }
   }
   // The rest differ from these by multiples, not per cent: one round each.

@@ -233,9 +233,10 @@ interface Harness {
   setupSeconds: number;
   /**
    * Posts `count` messages `concurrency` at a time and waits for every delivery (or `timeoutMs`).
-   * Untraced, every request carries an unsampled traceparent: nothing of the round is traced.
+   * `as` names the row it is for (the harness's own mode by default); as `off`, every request
+   * carries an unsampled traceparent, so nothing of the round is traced.
    */
-  round(count: number, timeoutMs: number, traced?: boolean): Promise<Round>;
+  round(count: number, timeoutMs: number, as?: Mode): Promise<Round>;
   peakMemoryMb(): number;
   close(): Promise<void>;
 }
@@ -334,7 +335,8 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
       return timings.minutes.reduce((n, m) => n + (m.actions.fanout_rpc?.count ?? 0), 0);
     };
 
-    const measure = async (count: number, timeoutMs: number, traced = true): Promise<Round> => {
+    const measure = async (count: number, timeoutMs: number, as: Mode = mode): Promise<Round> => {
+      const traced = as !== "off";
       const rpcsBefore = await sessionRpcs(traced);
       const first = sentAt.length;
       const expected = sessions * count;
@@ -373,9 +375,9 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
       const latencies = current.latencies.slice().sort((a, b) => a - b);
       const workerdCpuSeconds = cpuSeconds(pid) - cpuBefore;
       const rpcs = (await sessionRpcs(traced)) - rpcsBefore;
-      if (stopProfiling) writeFileSync(`${values.profile}-${mode}.txt`, `${summarise(await stopProfiling()).join("\n")}\n`);
+      if (stopProfiling) writeFileSync(`${values.profile}-${as}.txt`, `${summarise(await stopProfiling()).join("\n")}\n`);
       // Let span exports land before counting them: until the count holds still for 1 s (at most 15 s).
-      const exporting = traced && (mode === "tiered" || mode === "always");
+      const exporting = as === "tiered" || as === "always";
       for (let waited = 0, seen = -1; exporting && waited < 15_000 && sinkCounts().spans !== seen; waited += 1000) {
         seen = sinkCounts().spans;
         await new Promise((r) => setTimeout(r, 1000));
@@ -439,7 +441,7 @@ const WARM_UP = "  warm-up";
  */
 async function warmUp(mode: Mode, harness: Harness): Promise<void> {
   if (mode === "naive") return;
-  const warm = await harness.round(concurrency, 120_000, mode !== "off");
+  const warm = await harness.round(concurrency, 120_000, mode);
   process.stderr.write(`${WARM_UP} ${mode}: ${warm.deliveries}/${warm.expectedDeliveries} delivered, ${warm.deliveriesPerSecond}/s\n`);
 }
 
@@ -469,7 +471,7 @@ try {
         // Alternate which goes first, so neither always follows the other.
         for (const mode of r % 2 === 0 ? paired : paired.slice().reverse()) {
           await warmUp(mode, harness);
-          const result = await harness.round(messages, timeoutMs(mode), mode !== "off");
+          const result = await harness.round(messages, timeoutMs(mode), mode);
           results.get(mode)!.push(result);
           report(mode, result, ` round ${r + 1}`);
         }

@@ -361,8 +361,8 @@ describe("ResumeBuffer", () => {
       for (let s = 5; s < 1105; s += 20) {
         buffer.append(Array.from({ length: 20 }, (_, i) => dispatch(s + i, "b", 37 + s + i)), start + 1);
       }
-      // 64 dispatches now: a trim is due, and it drops every row older than a minute but the last 1,000.
-      buffer.append(Array.from({ length: 64 }, (_, i) => dispatch(1105 + i, "b", 1142 + i)));
+      // 256 dispatches now: a trim is due, and it drops every row older than a minute but the last 1,000.
+      buffer.append(Array.from({ length: 256 }, (_, i) => dispatch(1105 + i, "b", 1142 + i)));
       return {
         beforeTrim,
         afterTrim: Object.fromEntries(new ResumeBuffer(sql).positions()),
@@ -371,9 +371,9 @@ describe("ResumeBuffer", () => {
       };
     });
     expect(result.beforeTrim).toEqual({ a: 2, b: 41 });
-    expect(result.oldest).toBe(169); // guild a's rows are gone…
-    expect(result.afterTrim).toEqual({ a: 2, b: 1205 }); // …its position is not
-    expect(result.unsubscribed).toEqual({ b: 1205 });
+    expect(result.oldest).toBe(361); // guild a's rows are gone…
+    expect(result.afterTrim).toEqual({ a: 2, b: 1397 }); // …its position is not
+    expect(result.unsubscribed).toEqual({ b: 1397 });
   });
 
   it("upgrades a buffer written before rows carried positions, keeping its frames", async () => {

@@ -5,7 +5,7 @@ import { call, parseTransportMode } from "../transport/index.ts";
 import { type Claims, DEFAULT_TOKEN_TTL_SECONDS, authSecret, isValidId, signToken, verifyToken } from "./auth.ts";
 import { HttpError, errorResponse, json, readJsonObject } from "./http.ts";
 import { withServerSpan } from "./tracing.ts";
-import { telemetryFor } from "../telemetry/index.ts";
+import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 
 /**
  * The Worker's HTTP API (CONTRACT.md). Routes read top to bottom; every failure is an
@@ -13,7 +13,14 @@ import { telemetryFor } from "../telemetry/index.ts";
  */
 export async function handleRequest(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
   if (!new URL(request.url).pathname.startsWith("/api/")) return respond(request, env);
-  return withServerSpan(request, telemetryFor("guildwire-api", env), (promise) => ctx.waitUntil(promise), () => respond(request, env));
+  let telemetry: Telemetry;
+  try {
+    telemetry = telemetryFor("guildwire-api", env);
+  } catch (error) {
+    // A bad tracing setting (TRACE_SAMPLE_RATE, OTEL_EXPORTER_OTLP_TIMEOUT): say so, don't crash.
+    return errorResponse(new HttpError(500, "server_misconfigured", error instanceof Error ? error.message : String(error)));
+  }
+  return withServerSpan(request, telemetry, (promise) => ctx.waitUntil(promise), () => respond(request, env));
 }
 
 async function respond(request: Request, env: Env): Promise<Response> {

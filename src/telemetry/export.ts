@@ -34,6 +34,7 @@ export class SpanExportQueue {
       const drop = MAX_PENDING_SPANS / 10;
       this.pending.splice(0, drop);
       this.dropped += drop;
+      console.warn(`trace export is falling behind: dropped the oldest ${drop} waiting spans (${this.dropped} so far)`);
     }
     this.pending.push(span);
   }

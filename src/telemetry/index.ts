@@ -140,6 +140,7 @@ export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry
   const endpoint = env.OTEL_EXPORTER_OTLP_ENDPOINT ?? "";
   // Only the API starts traces; guilds and sessions continue them or do nothing.
   const rootSampleRate = service === "guildwire-api" ? parseSampleRate(env.TRACE_SAMPLE_RATE) : 0;
+  const timeoutMs = exportTimeout(env); // checked on every call: a bad value fails loudly, always
   const key = `${service}|${endpoint}|${rootSampleRate}`;
   let telemetry = telemetries.get(key);
   if (!telemetry) {
@@ -149,7 +150,7 @@ export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry
     const queueKey = `${service}|${endpoint}`;
     let queue = queues.get(queueKey) ?? null;
     if (!queue && (exporterOverride || endpoint)) {
-      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, exportTimeout(env)));
+      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, timeoutMs));
       queues.set(queueKey, queue);
     }
     telemetry = new Telemetry(service, queue, rootSampleRate);

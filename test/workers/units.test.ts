@@ -1,4 +1,4 @@
-import { env, runInDurableObject } from "cloudflare:test";
+import { createExecutionContext, env, runInDurableObject, waitOnExecutionContext } from "cloudflare:test";
 import { ROOT_CONTEXT, SpanKind, SpanStatusCode, TraceFlags, createTraceState, trace } from "@opentelemetry/api";
 import { ExportResultCode } from "@opentelemetry/core";
 import { JsonTraceSerializer } from "@opentelemetry/otlp-transformer";
@@ -6,6 +6,7 @@ import { resourceFromAttributes } from "@opentelemetry/resources";
 import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
 import { describe, expect, it } from "vitest";
 import { signToken, verifyToken } from "../../src/api/auth.ts";
+import { handleRequest } from "../../src/api/routes.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
 import { CloseCode } from "../../src/gateway/protocol.ts";
 import type { GuildEvent } from "../../src/guild/events.ts";
@@ -263,6 +264,21 @@ describe("OTEL_EXPORTER_OTLP_TIMEOUT", () => {
     for (const bad of ["0", "-1", "1.5", "10s", "abc"]) {
       expect(() => exportTimeout({ OTEL_EXPORTER_OTLP_TIMEOUT: bad }), bad).toThrow(/OTEL_EXPORTER_OTLP_TIMEOUT/);
     }
+  });
+});
+
+describe("a bad tracing setting", () => {
+  it.each([
+    ["TRACE_SAMPLE_RATE", "2"],
+    ["OTEL_EXPORTER_OTLP_TIMEOUT", "10s"],
+  ])("%s=%s: the API answers 500 server_misconfigured, naming the setting", async (name, value) => {
+    const ctx = createExecutionContext();
+    const response = await handleRequest(new Request("http://gateway.test/api/guilds/g/messages"), { ...env, [name]: value }, ctx);
+    await waitOnExecutionContext(ctx);
+    expect(response.status).toBe(500);
+    const body = (await response.json()) as { error: { code: string; message: string } };
+    expect(body.error.code).toBe("server_misconfigured");
+    expect(body.error.message).toContain(name);
   });
 });
 

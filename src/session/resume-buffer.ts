@@ -11,12 +11,18 @@ export interface BufferedDispatch {
 /**
  * Dispatches appended between trims. A trim is two statements whatever it deletes, and a
  * statement's fixed cost dominates here, so trimming seldom and in bulk is cheaper: the buffer
- * holds at most this many rows beyond what it must keep.
+ * holds at most this many dispatches (and the rest of a run) beyond what it must keep.
  */
 const TRIM_EVERY = 256;
 
-/** Durable Object SQL binds at most 100 parameters per statement; a row takes 5. */
-const ROWS_PER_INSERT = 20;
+/** Durable Object SQL binds at most 100 parameters per statement; a row takes 6. */
+const ROWS_PER_INSERT = 16;
+
+/**
+ * Frame text per row, in UTF-16 code units. JSON-escaped and UTF-8-encoded, a unit takes at most
+ * 6 bytes, so a row stays well under the 2 MB a Durable Object's SQL row may hold.
+ */
+const MAX_RUN_UNITS = 128 * 1024;
 
 /**
  * What RESUME needs, in the object's SQLite storage so it survives hibernation and eviction:
@@ -24,63 +30,72 @@ const ROWS_PER_INSERT = 20;
  * 1,000 and at least the last 60 seconds — and the session's position (last `seq` dispatched)
  * in each guild it is subscribed to.
  *
- * A position moves with every guild event, so it is not rewritten per delivery: the dispatch
- * row records it, and the `guilds` table is brought up to date only before rows are trimmed.
- * A delivery then costs one statement, not two.
+ * Dispatches are stored in runs: one row holds consecutive dispatches (a delivery's, typically)
+ * as a JSON array of frames. SQLite's cost is mostly per row and per statement, not per byte, so
+ * a 20-message delivery costs one row instead of 20, and Cloudflare bills rows written.
+ *
+ * A position moves with every guild event, so it is not rewritten per delivery: a run holds
+ * events of one guild at most and records the position its last one reached, and the `guilds`
+ * table is brought up to date only before runs are trimmed.
  */
 export class ResumeBuffer {
   private appendedSinceTrim = 0;
 
   constructor(private readonly sql: SqlStorage) {
     sql.exec(`
-      CREATE TABLE IF NOT EXISTS dispatches (s INTEGER PRIMARY KEY, frame TEXT NOT NULL, at INTEGER NOT NULL, guild_id TEXT, guild_seq INTEGER);
+      CREATE TABLE IF NOT EXISTS dispatch_runs (first_s INTEGER PRIMARY KEY, last_s INTEGER NOT NULL, frames TEXT NOT NULL, at INTEGER NOT NULL, guild_id TEXT, guild_seq INTEGER);
       CREATE TABLE IF NOT EXISTS guilds (guild_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
     `);
-    // Buffers written before dispatch rows carried guild positions.
-    if (!sql.exec("SELECT * FROM dispatches LIMIT 0").columnNames.includes("guild_id")) {
-      sql.exec("ALTER TABLE dispatches ADD COLUMN guild_id TEXT; ALTER TABLE dispatches ADD COLUMN guild_seq INTEGER;");
+    if (sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dispatches'").toArray().length > 0) {
+      upgradeRowPerDispatch(sql);
     }
   }
 
   /** Sequence of the newest dispatch kept, 0 when empty. */
   lastSeq(): number {
-    return this.sql.exec<{ s: number | null }>("SELECT MAX(s) AS s FROM dispatches").one().s ?? 0;
+    return this.sql.exec<{ last_s: number }>("SELECT last_s FROM dispatch_runs ORDER BY first_s DESC LIMIT 1").toArray()[0]?.last_s ?? 0;
   }
 
   /** Sequence of the oldest dispatch still kept, or null when empty. */
   oldestSeq(): number | null {
-    return this.sql.exec<{ s: number | null }>("SELECT MIN(s) AS s FROM dispatches").one().s;
+    return this.sql.exec<{ s: number | null }>("SELECT MIN(first_s) AS s FROM dispatch_runs").one().s;
   }
 
-  /** Stores consecutive dispatches, in as few statements as SQLite's variable limit allows. */
+  /** Stores dispatches (consecutive as a session numbers them) in as few rows and statements as it can. */
   append(dispatches: BufferedDispatch[], now = Date.now()): void {
-    for (let from = 0; from < dispatches.length; from += ROWS_PER_INSERT) {
-      const rows = dispatches.slice(from, from + ROWS_PER_INSERT);
-      const values: (string | number | null)[] = [];
-      for (const { s, frame, guildId, guildSeq } of rows) values.push(s, frame, now, guildId ?? null, guildSeq ?? null);
-      this.sql.exec(`INSERT INTO dispatches (s, frame, at, guild_id, guild_seq) VALUES ${placeholders(rows.length)}`, ...values);
-    }
+    if (dispatches.length === 0) return;
+    this.insert(runsOf(dispatches), now);
     this.appendedSinceTrim += dispatches.length;
     if (this.appendedSinceTrim >= TRIM_EVERY) this.trim(dispatches[dispatches.length - 1]!.s, now);
   }
 
   /** Frames after `seq`, in order. */
   framesAfter(seq: number): { s: number; frame: string }[] {
-    return this.sql.exec<{ s: number; frame: string }>("SELECT s, frame FROM dispatches WHERE s > ? ORDER BY s", seq).toArray();
+    const rows = this.sql.exec<{ first_s: number; frames: string }>("SELECT first_s, frames FROM dispatch_runs WHERE last_s > ? ORDER BY first_s", seq);
+    const frames: { s: number; frame: string }[] = [];
+    for (const row of rows) {
+      (JSON.parse(row.frames) as string[]).forEach((frame, i) => {
+        const s = row.first_s + i;
+        if (s > seq) frames.push({ s, frame });
+      });
+    }
+    return frames;
   }
 
-  /** Copies frames handed over from the session's previous holder. */
+  /** Copies frames handed over from the session's previous holder; they replace any kept from their first on. */
   restore(frames: { s: number; frame: string }[], now = Date.now()): void {
-    for (const { s, frame } of frames) this.sql.exec("INSERT OR REPLACE INTO dispatches (s, frame, at) VALUES (?, ?, ?)", s, frame, now);
+    if (frames.length === 0) return;
+    this.sql.exec("DELETE FROM dispatch_runs WHERE last_s >= ?", frames[0]!.s);
+    this.insert(runsOf(frames), now);
   }
 
   /**
-   * Last seq dispatched in each subscribed guild: its row, or its newest dispatch if later. A
-   * guild's dispatches go out in seq order, so the newest is found by reading back from the end.
+   * Last seq dispatched in each subscribed guild: its row, or its newest run if later. A guild's
+   * dispatches go out in seq order, so the newest is found by reading back from the end.
    */
   positions(): Map<string, number> {
     const rows = this.sql.exec<{ guild_id: string; last_seq: number }>(`
-      SELECT guild_id, MAX(last_seq, IFNULL((SELECT guild_seq FROM dispatches d WHERE d.guild_id = g.guild_id ORDER BY s DESC LIMIT 1), 0)) AS last_seq
+      SELECT guild_id, MAX(last_seq, IFNULL((SELECT guild_seq FROM dispatch_runs d WHERE d.guild_id = g.guild_id ORDER BY first_s DESC LIMIT 1), 0)) AS last_seq
       FROM guilds g ORDER BY guild_id
     `);
     return new Map(Array.from(rows, (row) => [row.guild_id, row.last_seq]));
@@ -91,35 +106,95 @@ export class ResumeBuffer {
     this.sql.exec("INSERT OR REPLACE INTO guilds (guild_id, last_seq) VALUES (?, ?)", guildId, lastSeq);
   }
 
-  /** Unsubscribed: the guild's dispatch rows no longer count as a position. */
+  /** Unsubscribed: the guild's runs no longer count as a position. */
   deletePosition(guildId: string): void {
     this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
   }
 
   /** Forgets every dispatch and position. */
   clear(): void {
-    this.sql.exec("DELETE FROM dispatches; DELETE FROM guilds;");
+    this.sql.exec("DELETE FROM dispatch_runs; DELETE FROM guilds;");
   }
 
-  /** Drops old dispatches, after saving the positions they hold. */
+  private insert(runs: Run[], now: number): void {
+    for (let from = 0; from < runs.length; from += ROWS_PER_INSERT) {
+      const rows = runs.slice(from, from + ROWS_PER_INSERT);
+      const values: (string | number | null)[] = [];
+      for (const run of rows) values.push(run.firstS, run.lastS, JSON.stringify(run.frames), now, run.guildId ?? null, run.guildSeq ?? null);
+      this.sql.exec(`INSERT OR REPLACE INTO dispatch_runs (first_s, last_s, frames, at, guild_id, guild_seq) VALUES ${placeholders(rows.length)}`, ...values);
+    }
+  }
+
+  /** Drops runs whose dispatches are all old, after saving the positions they hold. */
   private trim(lastSeq: number, now: number): void {
     this.appendedSinceTrim = 0;
     const old = [lastSeq - RESUME_BUFFER_MIN_DISPATCHES, now - RESUME_WINDOW_MS];
     this.sql.exec(
       `UPDATE guilds SET last_seq = MAX(last_seq, IFNULL((
-         SELECT MAX(guild_seq) FROM dispatches WHERE s <= ?1 AND at < ?2 AND guild_id = guilds.guild_id
+         SELECT MAX(guild_seq) FROM dispatch_runs WHERE last_s <= ?1 AND at < ?2 AND guild_id = guilds.guild_id
        ), 0))`,
       ...old,
     );
-    this.sql.exec("DELETE FROM dispatches WHERE s <= ?1 AND at < ?2", ...old);
+    this.sql.exec("DELETE FROM dispatch_runs WHERE last_s <= ?1 AND at < ?2", ...old);
   }
+}
+
+/** Consecutive dispatches stored in one row; `guildSeq` is the position its last guild event reached. */
+interface Run {
+  firstS: number;
+  lastS: number;
+  frames: string[];
+  units: number;
+  guildId?: string;
+  guildSeq?: number;
+}
+
+/** Splits dispatches into runs: a new run starts at a gap in `s`, at a second guild, or when a row would grow too big. */
+function runsOf(dispatches: Iterable<BufferedDispatch>): Run[] {
+  const runs: Run[] = [];
+  let run: Run | undefined;
+  for (const dispatch of dispatches) {
+    const { s, frame, guildId, guildSeq } = dispatch;
+    if (run === undefined || !continues(run, dispatch)) {
+      run = { firstS: s, lastS: s, frames: [], units: 0 };
+      runs.push(run);
+    }
+    run.lastS = s;
+    run.frames.push(frame);
+    run.units += frame.length;
+    if (guildId !== undefined) {
+      run.guildId = guildId;
+      run.guildSeq = guildSeq;
+    }
+  }
+  return runs;
+}
+
+function continues(run: Run, { s, frame, guildId }: BufferedDispatch): boolean {
+  return (
+    s === run.lastS + 1 &&
+    (guildId === undefined || run.guildId === undefined || guildId === run.guildId) &&
+    run.units + frame.length <= MAX_RUN_UNITS
+  );
+}
+
+/**
+ * Buffers written by earlier versions kept a row per dispatch (the oldest without guild
+ * positions); each becomes a run of one, in the same synchronous turn, so it commits as a whole.
+ */
+function upgradeRowPerDispatch(sql: SqlStorage): void {
+  const guild = sql.exec("SELECT * FROM dispatches LIMIT 0").columnNames.includes("guild_id") ? "guild_id, guild_seq" : "NULL, NULL";
+  sql.exec(`
+    INSERT OR IGNORE INTO dispatch_runs (first_s, last_s, frames, at, guild_id, guild_seq) SELECT s, s, json_array(frame), at, ${guild} FROM dispatches;
+    DROP TABLE dispatches;
+  `);
 }
 
 const placeholderCache = new Map<number, string>();
 function placeholders(rows: number): string {
   let text = placeholderCache.get(rows);
   if (text === undefined) {
-    text = Array.from({ length: rows }, () => "(?, ?, ?, ?, ?)").join(", ");
+    text = Array.from({ length: rows }, () => "(?, ?, ?, ?, ?, ?)").join(", ");
     placeholderCache.set(rows, text);
   }
   return text;

@@ -377,7 +377,7 @@ describe("ResumeBuffer", () => {
       for (let s = 5; s < 1105; s += 20) {
         buffer.append(Array.from({ length: 20 }, (_, i) => dispatch(s + i, "b", 37 + s + i)), start + 1);
       }
-      // 256 dispatches now: a trim is due, and it drops every row older than a minute but the last 1,000.
+      // 256 dispatches now: a trim is due, and it drops every run older than a minute but the last 1,000.
       buffer.append(Array.from({ length: 256 }, (_, i) => dispatch(1105 + i, "b", 1142 + i)));
       return {
         beforeTrim,
@@ -387,24 +387,97 @@ describe("ResumeBuffer", () => {
       };
     });
     expect(result.beforeTrim).toEqual({ a: 2, b: 41 });
-    expect(result.oldest).toBe(361); // guild a's rows are gone…
+    expect(result.oldest).toBe(345); // guild a's runs are gone; the run holding seq 361 (345–364) is whole…
     expect(result.afterTrim).toEqual({ a: 2, b: 1397 }); // …its position is not
     expect(result.unsubscribed).toEqual({ b: 1397 });
   });
 
-  it("upgrades a buffer written before rows carried positions, keeping its frames", async () => {
+  it("stores a delivery in one row, and starts a new row at a gap, at another guild, or when the row is full", async () => {
+    const big = "x".repeat(100 * 1024); // two of these exceed a row's 128 Ki units
     const result = await inFreshStorage((sql) => {
-      sql.exec("DROP TABLE dispatches; CREATE TABLE dispatches (s INTEGER PRIMARY KEY, frame TEXT NOT NULL, at INTEGER NOT NULL)");
-      sql.exec("INSERT INTO dispatches (s, frame, at) VALUES (1, 'old', 0)");
       const buffer = new ResumeBuffer(sql);
-      buffer.setPosition("g", 7);
-      buffer.append([dispatch(2, "g", 8)]);
-      return { frames: buffer.framesAfter(0), positions: Object.fromEntries(new ResumeBuffer(sql).positions()) };
+      buffer.setPosition("a", 0);
+      buffer.setPosition("b", 0);
+      buffer.append([dispatch(1), dispatch(2, "a", 1), dispatch(3, "a", 2), dispatch(4)]);
+      buffer.append([dispatch(5, "b", 1), dispatch(6, "a", 3), dispatch(8, "a", 4)]);
+      buffer.append([{ s: 9, frame: big }, { s: 10, frame: big }]);
+      const rows = sql.exec("SELECT first_s, last_s, guild_id, guild_seq FROM dispatch_runs ORDER BY first_s").toArray();
+      return {
+        rows: rows.map((row) => [row.first_s, row.last_s, row.guild_id, row.guild_seq]),
+        after2: buffer.framesAfter(2).map(({ s, frame }) => [s, frame.length < 20 ? frame : frame.length]),
+        positions: Object.fromEntries(new ResumeBuffer(sql).positions()),
+        lastSeq: new ResumeBuffer(sql).lastSeq(),
+      };
     });
-    expect(result.frames).toEqual([
-      { s: 1, frame: "old" },
-      { s: 2, frame: '{"s":2}' },
+    expect(result.rows).toEqual([
+      [1, 4, "a", 2],
+      [5, 5, "b", 1],
+      [6, 6, "a", 3],
+      [8, 8, "a", 4],
+      [9, 9, null, null],
+      [10, 10, null, null],
     ]);
-    expect(result.positions).toEqual({ g: 8 });
+    // Read back from the middle of a run, frame for frame.
+    expect(result.after2).toEqual([
+      [3, '{"s":3}'],
+      [4, '{"s":4}'],
+      [5, '{"s":5}'],
+      [6, '{"s":6}'],
+      [8, '{"s":8}'],
+      [9, 100 * 1024],
+      [10, 100 * 1024],
+    ]);
+    expect(result.positions).toEqual({ a: 4, b: 1 });
+    expect(result.lastSeq).toBe(10);
+  });
+
+  it("keeps frames byte for byte, and a restore replaces what it overlaps", async () => {
+    const awkward = '{"d":{"content":"line\\nbreak \\"quoted\\" \\u2028 é 🎉 \\\\"}}';
+    const result = await inFreshStorage((sql) => {
+      const buffer = new ResumeBuffer(sql);
+      buffer.append([dispatch(1), { s: 2, frame: awkward }, dispatch(3), dispatch(4)]);
+      const kept = buffer.framesAfter(0);
+      buffer.restore([
+        { s: 3, frame: "three" },
+        { s: 4, frame: "four" },
+        { s: 5, frame: "five" },
+      ]);
+      return { kept, restored: buffer.framesAfter(0), lastSeq: buffer.lastSeq() };
+    });
+    expect(result.kept[1]).toEqual({ s: 2, frame: awkward });
+    expect(result.restored).toEqual([
+      { s: 3, frame: "three" },
+      { s: 4, frame: "four" },
+      { s: 5, frame: "five" },
+    ]);
+    expect(result.lastSeq).toBe(5);
+  });
+
+  it("upgrades buffers that kept a row per dispatch, with or without positions, keeping frames and positions", async () => {
+    const result = await inFreshStorage((sql) => {
+      const upgrade = (table: string, rows: string) => {
+        sql.exec(`DROP TABLE IF EXISTS dispatch_runs; DELETE FROM guilds; CREATE TABLE dispatches (${table}); INSERT INTO dispatches VALUES ${rows}`);
+        sql.exec("INSERT INTO guilds VALUES ('g', 7)");
+        const buffer = new ResumeBuffer(sql);
+        const positions = Object.fromEntries(buffer.positions());
+        buffer.append([dispatch(3, "g", 9)]);
+        const tables = sql.exec("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'dispatches'").toArray();
+        return { frames: buffer.framesAfter(0), positions, oldTable: tables.length };
+      };
+      return {
+        withoutPositions: upgrade("s INTEGER PRIMARY KEY, frame TEXT NOT NULL, at INTEGER NOT NULL", "(1, 'one', 0), (2, 'two', 0)"),
+        withPositions: upgrade(
+          "s INTEGER PRIMARY KEY, frame TEXT NOT NULL, at INTEGER NOT NULL, guild_id TEXT, guild_seq INTEGER",
+          "(1, 'one', 0, 'g', 8), (2, 'two', 0, NULL, NULL)",
+        ),
+      };
+    });
+    const frames = [
+      { s: 1, frame: "one" },
+      { s: 2, frame: "two" },
+      { s: 3, frame: '{"s":3}' },
+    ];
+    expect(result.withoutPositions).toEqual({ frames, positions: { g: 7 }, oldTable: 0 });
+    expect(result.withPositions).toEqual({ frames, positions: { g: 8 }, oldTable: 0 }); // the row's position outranks the table's
   });
 });

@@ -242,6 +242,7 @@ export class Fanout<Stub> {
         recipient.queue = events.concat(recipient.queue);
         this.inFlight--;
         this.pump();
+        if (!this.busy) this.options.idle?.();
         setTimeout(() => {
           recipient.sending = false;
           if (this.isCurrent(recipient)) this.schedule(recipient);

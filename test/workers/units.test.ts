@@ -183,6 +183,22 @@ describe("Fanout", () => {
     expect(h.sent.map((s) => `${s.sessionId}:${s.seqs}`)).toEqual(["a:1", "b:1", "a:2", "b:2"]);
   });
 
+  it("says it is idle while its last recipient waits out a retry's pause, and again once that retry is back", async () => {
+    const h = harness(1, (_sessionId, attempt) => attempt === 1);
+    h.fanout.add("a", "a", "a");
+    h.fanout.publish(() => event(1));
+    await h.tick();
+    h.pending.shift()!(); // fails: nothing in flight while the retry waits
+    await Promise.resolve();
+    expect(h.fanout.busy).toBe(false);
+    expect(h.idleCalls()).toBe(1);
+    await h.tick(); // the pause (1 ms) is over: the retry is in flight
+    expect(h.fanout.busy).toBe(true);
+    await h.settle();
+    expect(h.sent).toEqual([{ sessionId: "a", seqs: [1] }]);
+    expect(h.idleCalls()).toBe(2);
+  });
+
   it("retries a failing recipient in order, and drops one that keeps failing without stalling others", async () => {
     const h = harness(2, (sessionId, attempt) => (sessionId === "flaky" && attempt === 1) || sessionId === "dead");
     for (const id of ["ok", "flaky", "dead"]) h.fanout.add(id, id, id);

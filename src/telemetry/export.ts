@@ -4,8 +4,13 @@ import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
 
 /** Spans held for export at most; beyond it the oldest are dropped (and counted). */
 const MAX_PENDING_SPANS = 5_000;
-/** Spans per export request at most: ~0.5 MB of OTLP/JSON, well inside collectors' body limits. */
-export const MAX_SPANS_PER_EXPORT = 512;
+/**
+ * Spans per export request at most (~46 KB of OTLP/JSON). Small on purpose: with workerd's one
+ * thread saturated (the `always` benchmark row), 512-span requests (~180 KB) reached the
+ * collector seconds late and their bodies stalled until the timeout cut them off, losing
+ * 2–3.5% of the row's spans; at 128, 0.2% (4 requests), for 2.7× the requests.
+ */
+export const MAX_SPANS_PER_EXPORT = 128;
 
 /**
  * Ended spans of one service waiting for export, shared by that service's objects in an isolate

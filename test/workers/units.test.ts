@@ -320,12 +320,12 @@ describe("span export batching", () => {
     return { requests, exporter, spans };
   }
 
-  it("sends at most 512 spans per request, and drops the oldest (counted) beyond 5,000 waiting", async () => {
+  it("sends at most 128 spans per request, and drops the oldest (counted) beyond 5,000 waiting", async () => {
     const { requests, exporter, spans } = setup();
     const queue = new SpanExportQueue(exporter);
-    for (const span of spans(1_100)) queue.push(span);
+    for (const span of spans(300)) queue.push(span);
     await queue.flush();
-    expect(requests).toEqual([512, 512, 76]);
+    expect(requests).toEqual([128, 128, 44]);
 
     const many = spans(5_001);
     for (const span of many) queue.push(span);
@@ -338,13 +338,13 @@ describe("span export batching", () => {
     const guild = new Telemetry("guildwire-guild", new SpanExportQueue(exporter), 0);
     const exports: Promise<unknown>[] = [];
     const ctx = { waitUntil: (promise: Promise<unknown>) => void exports.push(promise) };
-    const records = spans(300).map(toSpanRecord);
+    const records = spans(100).map(toSpanRecord);
     guild.adoptSpans(structuredClone(records), ctx);
-    expect(exports, "300 waiting: not yet").toHaveLength(0);
+    expect(exports, "100 waiting: not yet").toHaveLength(0);
     guild.adoptSpans([...structuredClone(records), { name: "not a record" } as unknown as SpanRecord], ctx);
-    expect(exports, "600 waiting: exported").toHaveLength(1);
+    expect(exports, "200 waiting: exported").toHaveLength(1);
     await Promise.all(exports);
-    expect(requests).toEqual([512, 88]);
+    expect(requests).toEqual([128, 72]);
   });
 });
 

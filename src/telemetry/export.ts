@@ -8,7 +8,8 @@ const MAX_PENDING_SPANS = 5_000;
  * Spans per export request at most (~46 KB of OTLP/JSON). Small on purpose: with workerd's one
  * thread saturated (the `always` benchmark row), 512-span requests (~180 KB) reached the
  * collector seconds late and their bodies stalled until the timeout cut them off, losing
- * 2–3.5% of the row's spans; at 128, 0.2% (4 requests), for 2.7× the requests.
+ * ~2.5% of the row's spans; at 128, 4 requests failed in one run and none in the next two,
+ * for 2.7× the requests.
  */
 export const MAX_SPANS_PER_EXPORT = 128;
 

@@ -82,10 +82,9 @@ export class ResumeBuffer {
     return frames;
   }
 
-  /** Copies frames handed over from the session's previous holder; they replace any kept from their first on. */
+  /** Takes the frames handed over by the session's previous holder in place of any kept here. */
   restore(frames: { s: number; frame: string }[], now = Date.now()): void {
-    if (frames.length === 0) return;
-    this.sql.exec("DELETE FROM dispatch_runs WHERE last_s >= ?", frames[0]!.s);
+    this.sql.exec("DELETE FROM dispatch_runs");
     this.insert(runsOf(frames), now);
   }
 
@@ -125,17 +124,20 @@ export class ResumeBuffer {
     }
   }
 
-  /** Drops runs whose dispatches are all old, after saving the positions they hold. */
+  /**
+   * Drops runs whose dispatches are all old, after saving the positions they hold. Runs do not
+   * overlap, so `first_s <= ?1` adds nothing but lets SQLite walk the primary key.
+   */
   private trim(lastSeq: number, now: number): void {
     this.appendedSinceTrim = 0;
     const old = [lastSeq - RESUME_BUFFER_MIN_DISPATCHES, now - RESUME_WINDOW_MS];
     this.sql.exec(
       `UPDATE guilds SET last_seq = MAX(last_seq, IFNULL((
-         SELECT MAX(guild_seq) FROM dispatch_runs WHERE last_s <= ?1 AND at < ?2 AND guild_id = guilds.guild_id
+         SELECT MAX(guild_seq) FROM dispatch_runs WHERE first_s <= ?1 AND last_s <= ?1 AND at < ?2 AND guild_id = guilds.guild_id
        ), 0))`,
       ...old,
     );
-    this.sql.exec("DELETE FROM dispatch_runs WHERE last_s <= ?1 AND at < ?2", ...old);
+    this.sql.exec("DELETE FROM dispatch_runs WHERE first_s <= ?1 AND last_s <= ?1 AND at < ?2", ...old);
   }
 }
 

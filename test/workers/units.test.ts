@@ -447,8 +447,18 @@ describe("ResumeBuffer", () => {
     expect(result.lastSeq).toBe(10);
   });
 
-  it("keeps frames byte for byte, and a restore replaces what it overlaps", async () => {
-    const awkward = '{"d":{"content":"line\\nbreak \\"quoted\\" \\u2028 é 🎉 \\\\"}}';
+  it("writes more runs than one statement binds (alternating guilds: a run each)", async () => {
+    const frames = await inFreshStorage((sql) => {
+      const buffer = new ResumeBuffer(sql);
+      buffer.append(Array.from({ length: 40 }, (_, i) => dispatch(i + 1, i % 2 ? "a" : "b", i + 1)));
+      return { rows: sql.exec("SELECT COUNT(*) AS n FROM dispatch_runs").one().n, seqs: buffer.framesAfter(0).map((f) => f.s) };
+    });
+    expect(frames.rows).toBe(40);
+    expect(frames.seqs).toEqual(Array.from({ length: 40 }, (_, i) => i + 1));
+  });
+
+  it("keeps frames byte for byte, and a restore replaces what was kept", async () => {
+    const awkward = '{"d":{"content":"line\\nbreak \\"quoted\\" \\u2028 é 🎉 \\\\"}} raw: \u2028 \ud800 \u0000';
     const result = await inFreshStorage((sql) => {
       const buffer = new ResumeBuffer(sql);
       buffer.append([dispatch(1), { s: 2, frame: awkward }, dispatch(3), dispatch(4)]);

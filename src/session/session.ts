@@ -287,7 +287,7 @@ export class Session extends DurableObject<Env> {
           this.traced,
         );
       }
-      this.flushDispatches(); // the buffer rows record the new position
+      this.flushDispatches(); // the buffer's runs record the new position
     });
     // Delivery spans: handed back for the caller to export with other sessions', or sent from here.
     if (!delivery.returnSpans) {
@@ -356,7 +356,7 @@ export class Session extends DurableObject<Env> {
     return lastSeq;
   }
 
-  /** Dispatches a guild's event; its buffer row records the session's new position there. */
+  /** Dispatches a guild's event; its run in the buffer records the session's new position there. */
   private dispatchEvent(guildId: string, event: GuildEvent): void {
     this.queueDispatch(event.type, event.data, guildId, event.seq);
     this.guildPositions().set(guildId, event.seq);
@@ -370,7 +370,7 @@ export class Session extends DurableObject<Env> {
   /** Numbers a dispatch; `flushDispatches` stores it in the resume buffer, then sends it. */
   private queueDispatch(t: EventName, dataJson: string, guildId?: string, guildSeq?: number): void {
     const s = this.state.s + 1;
-    this.state.s = s; // persisted through the buffer row: see the constructor
+    this.state.s = s; // persisted through the resume buffer: see the constructor
     this.unsent.push({ s, frame: `{"op":${Op.DISPATCH},"t":"${t}","s":${s},"d":${dataJson}}`, guildId, guildSeq });
   }
 

@@ -381,7 +381,7 @@ describe("ResumeBuffer", () => {
     runInDurableObject(env.SESSION.get(env.SESSION.newUniqueId()), (_instance, state) => fn(state.storage.sql));
   const dispatch = (s: number, guildId?: string, guildSeq?: number) => ({ s, frame: `{"s":${s}}`, guildId, guildSeq });
 
-  it("keeps each guild's position in its dispatch rows, and saves it before trimming them", async () => {
+  it("keeps each guild's position in its runs, and saves it before trimming them", async () => {
     const result = await inFreshStorage((sql) => {
       const buffer = new ResumeBuffer(sql);
       const start = Date.now() - 10 * 60_000;

@@ -333,6 +333,34 @@ describe("span export batching", () => {
     expect(queue.take()[0]).toBe(many[500]); // the oldest 500 went
   });
 
+  it("a backed-up queue goes out 4 requests at a time, each started only when one before it ends", async () => {
+    const { spans } = setup();
+    let open = 0;
+    let mostOpen = 0;
+    const sizes: number[] = [];
+    const exporter: SpanExporter = {
+      export: (batch, done) => {
+        open++;
+        mostOpen = Math.max(mostOpen, open);
+        sizes.push(batch.length);
+        // The collector answers a little later, as a real one does.
+        void Promise.resolve().then(() => Promise.resolve()).then(() => {
+          open--;
+          done({ code: ExportResultCode.SUCCESS });
+        });
+      },
+      shutdown: async () => {},
+    };
+    const queue = new SpanExportQueue(exporter);
+    const all = spans(5_000);
+    for (const span of all) queue.push(span);
+    await queue.flush();
+    expect(mostOpen).toBe(4);
+    expect(sizes).toHaveLength(40);
+    expect(sizes.reduce((a, b) => a + b)).toBe(5_000);
+    expect(queue.pendingCount).toBe(0);
+  });
+
   it("a fanout exports the spans sessions hand back once a request's worth waits, and skips records it cannot read", async () => {
     const { requests, exporter, spans } = setup();
     const guild = new Telemetry("guildwire-guild", new SpanExportQueue(exporter), 0);

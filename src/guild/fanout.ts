@@ -23,8 +23,8 @@ export interface FanoutOptions<Stub> {
   /** A recipient that kept failing is dropped; the owner forgets its subscription. */
   drop(recipient: Recipient<Stub>, error: unknown): void;
   /**
-   * Called when the last RPC in flight settles and nothing is waiting for a slot (a recipient
-   * waiting out a retry's backoff does not count). Must not throw.
+   * Called when the last RPC in flight settles and nothing is waiting for a slot or about to
+   * start (a recipient waiting out a retry's backoff does not count). Must not throw.
    */
   idle?(): void;
   /** Most RPCs in flight at once, across all recipients. */
@@ -202,6 +202,9 @@ export class Fanout<Stub> {
           this.outsideCallerContext(() => {
             this.pumpScheduled = false;
             this.pump();
+            // The last RPC may have settled while this turn was pending (it counted as busy
+            // then): say so now, or spans waiting for the idle hook wait for the next message.
+            if (!this.busy) this.options.idle?.();
           }),
         0,
       );

@@ -183,6 +183,26 @@ describe("Fanout", () => {
     expect(h.sent.map((s) => `${s.sessionId}:${s.seqs}`)).toEqual(["a:1", "b:1", "a:2", "b:2"]);
   });
 
+  it("says it is idle when its last RPC settled before the turn that would have sent more came", async () => {
+    const h = harness(1);
+    h.fanout.add("a", "a", "a");
+    h.fanout.publish(() => event(1));
+    await h.tick();
+    h.fanout.publish(() => event(2)); // queued while 1 is in flight
+    h.pending.shift()!(); // 1 settles: 2 starts at once, and a turn to send is scheduled
+    await Promise.resolve();
+    await Promise.resolve();
+    expect(h.pending).toHaveLength(1);
+    h.pending.shift()!(); // 2 settles before that turn: still busy, so not idle yet
+    await Promise.resolve();
+    await Promise.resolve();
+    expect(h.idleCalls()).toBe(0);
+    await h.tick(); // the turn finds nothing to send
+    expect(h.fanout.busy).toBe(false);
+    expect(h.idleCalls()).toBe(1);
+    expect(h.sent).toEqual([{ sessionId: "a", seqs: [1] }, { sessionId: "a", seqs: [2] }]);
+  });
+
   it("says it is idle while its last recipient waits out a retry's pause, and again once that retry is back", async () => {
     const h = harness(1, (_sessionId, attempt) => attempt === 1);
     h.fanout.add("a", "a", "a");

@@ -103,6 +103,8 @@ export class Guild extends DurableObject<Env> {
         relay.stub ??= this.env.RELAY.get(this.env.RELAY.idFromName(relay.target));
         return relay.stub.publish(events);
       },
+      // Spans waiting for the relays' RPCs to settle (see exportWhenDue).
+      idle: () => this.telemetry.exportPending(ctx),
       // A relay is never dropped for good: the next event re-creates it (and resynchronises).
       drop: (relay, error) => {
         console.error(`guild ${this.guildId}: relay ${relay.target} unreachable:`, error);
@@ -181,7 +183,7 @@ export class Guild extends DurableObject<Env> {
       this.traced,
     );
     await naiveSends; // the naive baseline answers once every RPC is back, as a first version would
-    this.telemetry.exportPending(this.ctx);
+    this.telemetry.exportWhenDue(this.ctx, (this.relayCount > 0 ? this.relays : this.sessions).busy);
     return result;
   }
 

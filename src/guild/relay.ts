@@ -117,8 +117,8 @@ export class Relay extends DurableObject<Env> {
       ));
     }
     await Promise.all(naiveSends); // only the naive baseline has sends to await
-    // This fanout's span, and delivery spans sessions handed back since the last export.
-    this.telemetry.exportPending(this.ctx);
+    // This fanout's span, with the delivery spans its sessions hand back (see exportWhenDue).
+    this.telemetry.exportWhenDue(this.ctx, this.fanout.busy);
   }
 
   async sessionCount(): Promise<number> {

@@ -34,6 +34,8 @@ export const MAX_CONCURRENT_EXPORTS = 4;
 export class SpanExportQueue {
   private pending: ReadableSpan[] = [];
   private dropped = 0;
+  /** When the oldest span waiting was queued (Date.now()); 0 when none waits. */
+  private oldestQueuedAt = 0;
 
   constructor(private readonly exporter: SpanExporter) {}
 
@@ -41,7 +43,13 @@ export class SpanExportQueue {
     return this.pending.length;
   }
 
+  /** How long the oldest span has been waiting, in ms (0 when none waits). */
+  oldestWaitMs(now = Date.now()): number {
+    return this.pending.length === 0 ? 0 : now - this.oldestQueuedAt;
+  }
+
   push(span: ReadableSpan): void {
+    if (this.pending.length === 0) this.oldestQueuedAt = Date.now();
     if (this.pending.length >= MAX_PENDING_SPANS) {
       // Drop the oldest tenth at once: one copy per 500 spans, not one per span, when full.
       const drop = MAX_PENDING_SPANS / 10;

@@ -4,7 +4,7 @@ import { ExportResultCode } from "@opentelemetry/core";
 import { JsonTraceSerializer } from "@opentelemetry/otlp-transformer";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { signToken, verifyToken } from "../../src/api/auth.ts";
 import { handleRequest } from "../../src/api/routes.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
@@ -14,7 +14,7 @@ import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
 import { SpanExportQueue } from "../../src/telemetry/export.ts";
-import { type SpanRecord, Telemetry, exportTimeout } from "../../src/telemetry/index.ts";
+import { EXPORT_DELAY_MS, type SpanRecord, Telemetry, exportTimeout } from "../../src/telemetry/index.ts";
 import { fromSpanRecord, toSpanRecord } from "../../src/telemetry/span-record.ts";
 import { SampledTracer } from "../../src/telemetry/tracer.ts";
 import type { Incoming } from "../../src/transport/index.ts";
@@ -379,6 +379,41 @@ describe("span export batching", () => {
     expect(sizes).toHaveLength(40);
     expect(sizes.reduce((a, b) => a + b)).toBe(5_000);
     expect(queue.pendingCount).toBe(0);
+  });
+
+  it("a guild or relay whose fanout is sending leaves its spans for the idle hook, unless a request's worth waits or the oldest waited a second", async () => {
+    const { requests, exporter, spans } = setup();
+    const queue = new SpanExportQueue(exporter);
+    const guild = new Telemetry("guildwire-guild", queue, 0);
+    const exports: Promise<unknown>[] = [];
+    const ctx = { waitUntil: (promise: Promise<unknown>) => void exports.push(promise) };
+    let now = 1_000_000;
+    const clock = vi.spyOn(Date, "now").mockImplementation(() => now);
+    try {
+      for (const span of spans(2)) queue.push(span);
+      guild.exportWhenDue(ctx, true);
+      expect(exports, "busy, 2 spans, fresh: left for the idle hook").toHaveLength(0);
+      now += EXPORT_DELAY_MS - 1;
+      guild.exportWhenDue(ctx, true);
+      expect(exports).toHaveLength(0);
+      now += 1;
+      guild.exportWhenDue(ctx, true);
+      expect(exports, "the oldest waited a second").toHaveLength(1);
+
+      for (const span of spans(128)) queue.push(span);
+      guild.exportWhenDue(ctx, true);
+      expect(exports, "a full request's worth").toHaveLength(2);
+
+      for (const span of spans(1)) queue.push(span);
+      guild.exportWhenDue(ctx, false);
+      expect(exports, "nothing under way: at once").toHaveLength(3);
+      guild.exportWhenDue(ctx, false);
+      expect(exports, "nothing waiting: nothing sent").toHaveLength(3);
+      await Promise.all(exports);
+      expect(requests).toEqual([2, 128, 1]);
+    } finally {
+      clock.mockRestore();
+    }
   });
 
   it("a fanout exports the spans sessions hand back once a request's worth waits, and skips records it cannot read", async () => {

@@ -25,7 +25,7 @@ export type { SpanRecord };
 
 type WaitUntil = { waitUntil(promise: Promise<unknown>): void };
 
-/** Longest a guild's or relay's span waits for its fanout to go idle before it is exported anyway. */
+/** Longest a guild's span waits for its fanout to go idle before it is exported anyway. */
 export const EXPORT_DELAY_MS = 1_000;
 
 export type ServiceName = "guildwire-api" | "guildwire-guild" | "guildwire-session";
@@ -81,12 +81,12 @@ export class Telemetry {
   }
 
   /**
-   * For a guild or relay after handing work to its fanout: exports now when the fanout has
-   * nothing under way; while it is sending, only once a full request's worth waits or the
-   * oldest span has waited EXPORT_DELAY_MS, and otherwise leaves the spans to the fanout's
-   * idle hook (`exportPending`), which sends them with the delivery spans its sessions hand
-   * back. A burst of sampled messages then costs a few requests instead of one per message
-   * from the busiest object; the delay bound keeps a fanout that never goes idle exporting.
+   * For a guild after handing a message to its fanout: exports now when the fanout has nothing
+   * under way; while it is sending, only once a full request's worth waits or the oldest span
+   * has waited EXPORT_DELAY_MS, and otherwise leaves the spans to the fanout's idle hook
+   * (`exportPending`). A burst of sampled messages then costs a few requests instead of one per
+   * message from the busiest object; the delay bound keeps a fanout that never goes idle
+   * exporting.
    */
   exportWhenDue(ctx: WaitUntil, fanoutBusy: boolean): void {
     if (!this.queue || this.queue.pendingCount === 0) return;

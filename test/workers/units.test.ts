@@ -381,7 +381,7 @@ describe("span export batching", () => {
     expect(queue.pendingCount).toBe(0);
   });
 
-  it("a guild or relay whose fanout is sending leaves its spans for the idle hook, unless a request's worth waits or the oldest waited a second", async () => {
+  it("a guild whose fanout is sending leaves its spans for the idle hook, unless a request's worth waits or the oldest waited a second", async () => {
     const { requests, exporter, spans } = setup();
     const queue = new SpanExportQueue(exporter);
     const guild = new Telemetry("guildwire-guild", queue, 0);

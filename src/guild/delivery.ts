@@ -66,6 +66,7 @@ export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<S
         owner.onSent?.(Date.now() - started);
         // (RPC's result type widens the records' tuples, such as HrTime, to arrays.)
         if (result?.spans) telemetry.adoptSpans(result.spans as SpanRecord[], ctx);
+        telemetry.exportWhenDue(ctx, true); // spans that waited too long for the idle hook
       });
     },
   };

@@ -101,7 +101,8 @@ export class Guild extends DurableObject<Env> {
       strategy: this.config.strategy,
       send: (relay, events) => {
         relay.stub ??= this.env.RELAY.get(this.env.RELAY.idFromName(relay.target));
-        return relay.stub.publish(events);
+        // Then: spans that waited too long for the idle hook (a relay may hold its answer).
+        return relay.stub.publish(events).then(() => this.telemetry.exportWhenDue(this.ctx, true));
       },
       // Spans waiting for the relays' RPCs to settle (see exportWhenDue).
       idle: () => this.telemetry.exportPending(ctx),

@@ -118,9 +118,9 @@ export class Relay extends DurableObject<Env> {
     }
     await Promise.all(naiveSends); // only the naive baseline has sends to await
     // This fanout's spans, and delivery spans sessions handed back since the last export: one
-    // request per publish, which carries a burst already. (Waiting for the fanout to go idle
-    // instead, as the guild does, saved ~15 requests per 200 messages and measured 7% more
-    // workerd CPU in tiered over 14 round pairs; README, Performance.)
+    // request per publish, which carries a burst already. (Leaving them for the fanout's idle
+    // hook instead, as the guild does, saved ~15 requests per 200 messages; in benchmark round
+    // pairs tiered then used 1.07× off's workerd CPU, against 0.97× without: README, Performance.)
     this.telemetry.exportPending(this.ctx);
   }
 

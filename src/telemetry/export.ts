@@ -2,6 +2,9 @@ import { type ExportResult, ExportResultCode } from "@opentelemetry/core";
 import { JsonTraceSerializer } from "@opentelemetry/otlp-transformer";
 import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
 
+/** How long one export may take by default (OTEL_EXPORTER_OTLP_TIMEOUT, as in the OTel SDKs). */
+export const DEFAULT_EXPORT_TIMEOUT_MS = 10_000;
+
 /** Spans held for export at most; beyond it the oldest are dropped (and counted). */
 const MAX_PENDING_SPANS = 5_000;
 /**
@@ -37,7 +40,16 @@ export class SpanExportQueue {
   /** When the oldest span waiting was queued (Date.now()); 0 when none waits. */
   private oldestQueuedAt = 0;
 
-  constructor(private readonly exporter: SpanExporter) {}
+  /** `flushTimeoutMs`: how long one flush may keep starting requests (OTEL_EXPORTER_OTLP_TIMEOUT). */
+  constructor(
+    private readonly exporter: SpanExporter,
+    private readonly flushTimeoutMs = DEFAULT_EXPORT_TIMEOUT_MS,
+  ) {}
+
+  /** Spans dropped so far: beyond the cap, or left when a flush ran out of time. */
+  get droppedCount(): number {
+    return this.dropped;
+  }
 
   get pendingCount(): number {
     return this.pending.length;
@@ -74,13 +86,23 @@ export class SpanExportQueue {
    * service's objects in the isolate, and a promise or request begun for one invocation must not
    * be awaited by another. No timer before a request: a timer in a Durable Object's `waitUntil`
    * may never fire once the invocation has returned (seen here: the export never ran and its
-   * spans were lost); each next request starts when one before it ends.
+   * spans were lost); each next request starts when one before it ends. A flush starts no
+   * request after `flushTimeoutMs` (the rest are dropped and counted), so a collector that
+   * never answers holds a `waitUntil` open for about one timeout, not one per round of requests.
    */
   async flush(): Promise<void> {
     const spans = this.take();
+    const deadline = Date.now() + this.flushTimeoutMs;
     let next = 0;
     const sendInTurn = async (): Promise<void> => {
       while (next < spans.length) {
+        if (Date.now() >= deadline) {
+          const left = spans.length - next;
+          next = spans.length;
+          this.dropped += left;
+          console.warn(`trace export ran out of time: dropped ${left} spans (${this.dropped} so far)`);
+          return;
+        }
         const from = next;
         next += MAX_SPANS_PER_EXPORT;
         await this.export(spans.slice(from, from + MAX_SPANS_PER_EXPORT));
@@ -92,18 +114,18 @@ export class SpanExportQueue {
 
   private export(spans: ReadableSpan[]): Promise<void> {
     return new Promise((resolve) => {
-      this.exporter.export(spans, (result) => {
-        if (result.code !== ExportResultCode.SUCCESS) {
-          console.warn(`trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, result.error?.message);
-        }
+      const done = (error: unknown) => {
+        if (error !== undefined) console.warn(`trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, error);
         resolve();
-      });
+      };
+      try {
+        this.exporter.export(spans, (result) => done(result.code === ExportResultCode.SUCCESS ? undefined : result.error?.message));
+      } catch (error) {
+        done(error); // e.g. a span the serializer cannot encode: tracing must not fail the flush
+      }
     });
   }
 }
-
-/** How long one export may take by default (OTEL_EXPORTER_OTLP_TIMEOUT, as in the OTel SDKs). */
-export const DEFAULT_EXPORT_TIMEOUT_MS = 10_000;
 
 /** Answers that say "try again": a gateway in front of the collector failed or is restarting. */
 const RETRYABLE_STATUS = new Set([502, 503, 504]);

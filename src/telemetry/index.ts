@@ -25,7 +25,10 @@ export type { SpanRecord };
 
 type WaitUntil = { waitUntil(promise: Promise<unknown>): void };
 
-/** Longest a guild's span waits for its fanout to go idle before it is exported anyway. */
+/**
+ * A guild's spans older than this are exported at its next message or settled RPC, even while
+ * its fanout is still sending.
+ */
 export const EXPORT_DELAY_MS = 1_000;
 
 export type ServiceName = "guildwire-api" | "guildwire-guild" | "guildwire-session";
@@ -81,12 +84,12 @@ export class Telemetry {
   }
 
   /**
-   * For a guild after handing a message to its fanout: exports now when the fanout has nothing
-   * under way; while it is sending, only once a full request's worth waits or the oldest span
-   * has waited EXPORT_DELAY_MS, and otherwise leaves the spans to the fanout's idle hook
-   * (`exportPending`). A burst of sampled messages then costs a few requests instead of one per
-   * message from the busiest object; the delay bound keeps a fanout that never goes idle
-   * exporting.
+   * For a guild after handing a message to its fanout, and for any fanout as an RPC settles:
+   * while the fanout is sending (as it is right after a publish to anyone), exports only once a
+   * full request's worth waits or the oldest span has waited EXPORT_DELAY_MS, and otherwise
+   * leaves the spans to the fanout's idle hook (`exportPending`); with nothing under way (no
+   * recipients), exports now. A burst of sampled messages then costs a few requests instead of
+   * one per message from the busiest object, and a fanout that never goes idle still exports.
    */
   exportWhenDue(ctx: WaitUntil, fanoutBusy: boolean): void {
     if (!this.queue || this.queue.pendingCount === 0) return;
@@ -167,7 +170,7 @@ export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry
     const queueKey = `${service}|${endpoint}`;
     let queue = queues.get(queueKey) ?? null;
     if (!queue && (exporterOverride || endpoint)) {
-      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, timeoutMs));
+      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, timeoutMs), timeoutMs);
       queues.set(queueKey, queue);
     }
     telemetry = new Telemetry(service, queue, rootSampleRate);

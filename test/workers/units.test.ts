@@ -381,6 +381,42 @@ describe("span export batching", () => {
     expect(queue.pendingCount).toBe(0);
   });
 
+  it("a flush starts no request after its timeout (the rest are dropped and counted), and an exporter that throws does not break it", async () => {
+    const { spans } = setup();
+    let now = 5_000_000;
+    const clock = vi.spyOn(Date, "now").mockImplementation(() => now);
+    try {
+      let requests = 0;
+      // A collector that answers each request only as its timeout (10 s) runs out.
+      const slow: SpanExporter = {
+        export: (_batch, done) => {
+          requests++;
+          void Promise.resolve().then(() => {
+            now += 10_000;
+            done({ code: ExportResultCode.FAILED, error: new Error("no answer within 10000 ms") });
+          });
+        },
+        shutdown: async () => {},
+      };
+      const queue = new SpanExportQueue(slow, 10_000);
+      for (const span of spans(5_000)) queue.push(span);
+      await queue.flush();
+      expect(requests, "the first 4 started; none after the flush's 10 s").toBe(4);
+      expect(queue.droppedCount).toBe(5_000 - 4 * 128);
+
+      const throwing = new SpanExportQueue({
+        export: () => {
+          throw new Error("cannot encode");
+        },
+        shutdown: async () => {},
+      });
+      for (const span of spans(300)) throwing.push(span);
+      await expect(throwing.flush()).resolves.toBeUndefined();
+    } finally {
+      clock.mockRestore();
+    }
+  });
+
   it("a guild whose fanout is sending leaves its spans for the idle hook, unless a request's worth waits or the oldest waited a second", async () => {
     const { requests, exporter, spans } = setup();
     const queue = new SpanExportQueue(exporter);

@@ -4,8 +4,10 @@ import type { SpanRecord, Telemetry } from "../telemetry/index.ts";
 import { DEFAULT_FANOUT_SAMPLING, type FanoutTier, type Incoming, type TransportMode, parseFanoutTiers, parseTransportMode } from "../transport/index.ts";
 import type { GuildEvent } from "./events.ts";
 import type { FanoutOptions, Recipient } from "./fanout.ts";
+import type { Relay } from "./relay.ts";
 
 export type SessionStub = DurableObjectStub<Session>;
+export type RelayStub = DurableObjectStub<Relay>;
 
 /** How guilds and relays fan out, from the environment. A bad value fails loudly. */
 export interface DeliveryConfig {
@@ -68,6 +70,36 @@ export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<S
         if (result?.spans) telemetry.adoptSpans(result.spans as SpanRecord[], ctx);
         telemetry.exportWhenDue(ctx, true); // spans that waited too long for the idle hook
       });
+    },
+  };
+}
+
+export interface RelayFanoutOwner {
+  env: Pick<Env, "RELAY">;
+  ctx: { waitUntil(promise: Promise<unknown>): void };
+  config: DeliveryConfig;
+  /** Exports the guild's own spans, which wait for the relays' RPCs (see exportWhenDue). */
+  telemetry: Telemetry;
+  drop(recipient: Recipient<RelayStub>, error: unknown): void;
+}
+
+/**
+ * Fanout options that deliver a guild's events to its relays: one `publish` RPC per relay
+ * carries every event queued for it. The guild's spans are exported when the relays' RPCs have
+ * all settled, or as one settles once they have waited too long.
+ */
+export function relayFanoutOptions(owner: RelayFanoutOwner): FanoutOptions<RelayStub> {
+  const { env, ctx, config, telemetry } = owner;
+  return {
+    maxInFlight: config.maxInFlight,
+    maxBacklog: config.maxBacklog,
+    strategy: config.strategy,
+    drop: owner.drop,
+    idle: () => telemetry.exportPending(ctx),
+    send: (relay, events) => {
+      relay.stub ??= env.RELAY.get(env.RELAY.idFromName(relay.target));
+      // A relay may hold its answer (admission): spans that waited too long go now.
+      return relay.stub.publish(events).then(() => telemetry.exportWhenDue(ctx, true));
     },
   };
 }

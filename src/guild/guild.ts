@@ -3,11 +3,11 @@ import type { Env } from "../env.ts";
 import type { Message } from "../gateway/protocol.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type HandleOptions, type Incoming, handle } from "../transport/index.ts";
-import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOptions } from "./delivery.ts";
+import { type DeliveryConfig, type RelayStub, type SessionStub, deliveryConfig, relayFanoutOptions, sessionFanoutOptions } from "./delivery.ts";
 import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
 import { Fanout } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
-import type { Relay, RelayAssignment, Released } from "./relay.ts";
+import type { RelayAssignment, Released } from "./relay.ts";
 import { Timings } from "./timings.ts";
 
 export interface CreateMessage {
@@ -24,7 +24,6 @@ const MAX_PULL = 1000;
 const AUTHOR_RATE_PER_SECOND = 10;
 const AUTHOR_BURST = 50;
 
-type RelayStub = DurableObjectStub<Relay>;
 
 interface MessageRow extends Record<string, SqlStorageValue> {
   seq: number;
@@ -95,23 +94,19 @@ export class Guild extends DurableObject<Env> {
         onSent: (ms) => this.timings.record("fanout_rpc", ms),
       }),
     );
-    this.relays = new Fanout<RelayStub>({
-      maxInFlight: this.config.maxInFlight,
-      maxBacklog: this.config.maxBacklog,
-      strategy: this.config.strategy,
-      send: (relay, events) => {
-        relay.stub ??= this.env.RELAY.get(this.env.RELAY.idFromName(relay.target));
-        // Then: spans that waited too long for the idle hook (a relay may hold its answer).
-        return relay.stub.publish(events).then(() => this.telemetry.exportWhenDue(this.ctx, true));
-      },
-      // Spans waiting for the relays' RPCs to settle (see exportWhenDue).
-      idle: () => this.telemetry.exportPending(ctx),
-      // A relay is never dropped for good: the next event re-creates it (and resynchronises).
-      drop: (relay, error) => {
-        console.error(`guild ${this.guildId}: relay ${relay.target} unreachable:`, error);
-        this.relaysSynced = false;
-      },
-    });
+    this.relays = new Fanout<RelayStub>(
+      relayFanoutOptions({
+        env,
+        ctx,
+        config: this.config,
+        telemetry: this.telemetry,
+        // A relay is never dropped for good: the next event re-creates it (and resynchronises).
+        drop: (relay, error) => {
+          console.error(`guild ${this.guildId}: relay ${relay.target} unreachable:`, error);
+          this.relaysSynced = false;
+        },
+      }),
+    );
     // Subscriptions outlive eviction. What was queued in memory is not replayed: a session that
     // sees a gap in `seq` pulls the missing events itself (`eventsAfter`).
     for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM subscriptions")) {

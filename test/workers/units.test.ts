@@ -10,6 +10,8 @@ import { handleRequest } from "../../src/api/routes.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
 import { CloseCode } from "../../src/gateway/protocol.ts";
 import type { GuildEvent } from "../../src/guild/events.ts";
+import type { Env } from "../../src/env.ts";
+import { type RelayStub, deliveryConfig, relayFanoutOptions } from "../../src/guild/delivery.ts";
 import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
@@ -92,12 +94,13 @@ describe("Timings", () => {
   });
 });
 
+const event = (seq: number): GuildEvent => ({
+  type: "MESSAGE_CREATE",
+  seq,
+  data: "{}",
+});
+
 describe("Fanout", () => {
-  const event = (seq: number): GuildEvent => ({
-    type: "MESSAGE_CREATE",
-    seq,
-    data: "{}",
-  });
   const seqs = (events: Incoming<GuildEvent>[]) => events.map((e) => (e as GuildEvent).seq);
 
   function harness(maxInFlight: number, fail: (sessionId: string, attempt: number) => boolean = () => false, maxBacklog?: number) {
@@ -447,6 +450,48 @@ describe("span export batching", () => {
       expect(exports, "nothing waiting: nothing sent").toHaveLength(3);
       await Promise.all(exports);
       expect(requests).toEqual([2, 128, 1]);
+    } finally {
+      clock.mockRestore();
+    }
+  });
+
+  it("a guild's spans wait for its relays' RPCs: exported once they all settle, or as one settles after a second", async () => {
+    const { requests, exporter, spans } = setup();
+    const queue = new SpanExportQueue(exporter);
+    const telemetry = new Telemetry("guildwire-guild", queue, 0);
+    const exports: Promise<unknown>[] = [];
+    const ctx = { waitUntil: (promise: Promise<unknown>) => void exports.push(promise) };
+    const answers: (() => void)[] = [];
+    const relayStub = { publish: () => new Promise<void>((resolve) => answers.push(resolve)) } as unknown as RelayStub;
+    const RELAY = { idFromName: (name: string) => name, get: () => relayStub } as unknown as Env["RELAY"];
+    const fanout = new Fanout<RelayStub>(relayFanoutOptions({ env: { RELAY }, ctx, config: deliveryConfig(env), telemetry, drop: () => {} }));
+    fanout.add("g/relay/0", "", "g/relay/0");
+    const tick = () => new Promise((r) => setTimeout(r, 2));
+    let now = 9_000_000;
+    const clock = vi.spyOn(Date, "now").mockImplementation(() => now);
+    try {
+      fanout.publish(() => event(1));
+      for (const span of spans(2)) queue.push(span); // guild.dispatch and guild.fanout
+      telemetry.exportWhenDue(ctx, fanout.busy);
+      await tick();
+      expect(answers, "the relay's RPC is in flight").toHaveLength(1);
+      expect(exports, "left for the idle hook").toHaveLength(0);
+      answers.shift()!();
+      await tick();
+      expect(exports, "the relays settled: exported").toHaveLength(1);
+
+      fanout.publish(() => event(2));
+      await tick();
+      for (const span of spans(1)) queue.push(span);
+      fanout.publish(() => event(3)); // queued behind 2: the fanout stays busy
+      now += EXPORT_DELAY_MS;
+      answers.shift()!();
+      await tick();
+      expect(exports, "still sending, but the span waited a second").toHaveLength(2);
+      answers.shift()!();
+      await tick();
+      await Promise.all(exports);
+      expect(requests).toEqual([2, 1]);
     } finally {
       clock.mockRestore();
     }

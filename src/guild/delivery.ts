@@ -35,14 +35,30 @@ export function deliveryConfig(env: Env): DeliveryConfig {
   };
 }
 
-export interface SessionFanoutOwner {
-  env: Env;
-  ctx: DurableObjectState;
+/** What a guild's or relay's fanouts share: one owner, one config, one telemetry. */
+interface FanoutOwner<Stub> {
+  ctx: { waitUntil(promise: Promise<unknown>): void };
   config: DeliveryConfig;
-  /** Exports the spans sessions hand back, with the owner's own. */
+  /** Exports the owner's spans, and those its callees hand back, once the fanout is idle. */
   telemetry: Telemetry;
+  drop(recipient: Recipient<Stub>, error: unknown): void;
+}
+
+/** Bounds from the config; spans waiting for the fanout go out when it has nothing in flight. */
+function ownerOptions<Stub>(owner: FanoutOwner<Stub>): Omit<FanoutOptions<Stub>, "send"> {
+  const { ctx, config, telemetry } = owner;
+  return {
+    maxInFlight: config.maxInFlight,
+    maxBacklog: config.maxBacklog,
+    strategy: config.strategy,
+    drop: owner.drop,
+    idle: () => telemetry.exportPending(ctx),
+  };
+}
+
+export interface SessionFanoutOwner extends FanoutOwner<SessionStub> {
+  env: Env;
   guildId(): string;
-  drop(recipient: Recipient<SessionStub>, error: unknown): void;
   onSent?(durationMs: number): void;
 }
 
@@ -54,13 +70,9 @@ export interface SessionFanoutOwner {
  * the fanout has nothing left in flight.
  */
 export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<SessionStub> {
-  const { env, ctx, config, telemetry } = owner;
+  const { env, ctx, telemetry } = owner;
   return {
-    maxInFlight: config.maxInFlight,
-    maxBacklog: config.maxBacklog,
-    strategy: config.strategy,
-    drop: owner.drop,
-    idle: () => telemetry.exportPending(ctx),
+    ...ownerOptions(owner),
     send: (recipient, events: Incoming<GuildEvent>[]) => {
       recipient.stub ??= env.SESSION.get(env.SESSION.idFromString(recipient.target));
       const started = Date.now();
@@ -74,13 +86,8 @@ export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<S
   };
 }
 
-export interface RelayFanoutOwner {
+export interface RelayFanoutOwner extends FanoutOwner<RelayStub> {
   env: Pick<Env, "RELAY">;
-  ctx: { waitUntil(promise: Promise<unknown>): void };
-  config: DeliveryConfig;
-  /** Exports the guild's own spans, which wait for the relays' RPCs (see exportWhenDue). */
-  telemetry: Telemetry;
-  drop(recipient: Recipient<RelayStub>, error: unknown): void;
 }
 
 /**
@@ -89,13 +96,9 @@ export interface RelayFanoutOwner {
  * all settled, or as one settles once they have waited too long.
  */
 export function relayFanoutOptions(owner: RelayFanoutOwner): FanoutOptions<RelayStub> {
-  const { env, ctx, config, telemetry } = owner;
+  const { env, ctx, telemetry } = owner;
   return {
-    maxInFlight: config.maxInFlight,
-    maxBacklog: config.maxBacklog,
-    strategy: config.strategy,
-    drop: owner.drop,
-    idle: () => telemetry.exportPending(ctx),
+    ...ownerOptions(owner),
     send: (relay, events) => {
       relay.stub ??= env.RELAY.get(env.RELAY.idFromName(relay.target));
       // A relay may hold its answer (admission): spans that waited too long go now.

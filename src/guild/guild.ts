@@ -24,7 +24,6 @@ const MAX_PULL = 1000;
 const AUTHOR_RATE_PER_SECOND = 10;
 const AUTHOR_BURST = 50;
 
-
 interface MessageRow extends Record<string, SqlStorageValue> {
   seq: number;
   id: string;

@@ -119,8 +119,9 @@ export class Relay extends DurableObject<Env> {
     await Promise.all(naiveSends); // only the naive baseline has sends to await
     // This fanout's spans, and delivery spans sessions handed back since the last export: one
     // request per publish, which carries a burst already. (Leaving them for the fanout's idle
-    // hook instead, as the guild does, saved ~15 requests per 200 messages; in benchmark round
-    // pairs tiered then used 1.07× off's workerd CPU, against 0.97× without: README, Performance.)
+    // hook instead, as the guild does, saved ~15 requests per 200 messages but, over 14 round
+    // pairs each, left tiered at 0.95× off's deliveries/s and 1.07× its CPU, against 1.00× and
+    // 1.03× this way: README, Performance.)
     this.telemetry.exportPending(this.ctx);
   }
 

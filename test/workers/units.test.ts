@@ -4,7 +4,7 @@ import { ExportResultCode } from "@opentelemetry/core";
 import { JsonTraceSerializer } from "@opentelemetry/otlp-transformer";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
-import { describe, expect, it, vi } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { signToken, verifyToken } from "../../src/api/auth.ts";
 import { handleRequest } from "../../src/api/routes.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
@@ -340,8 +340,23 @@ describe("span export batching", () => {
       for (let i = 0; i < count; i++) tracer.startSpan("session.deliver", {}, parent).end();
       return ended.slice();
     };
-    return { requests, exporter, spans };
+    /** A guild's telemetry on its own queue, and the exports it hands to `waitUntil`. */
+    const guildTelemetry = () => {
+      const queue = new SpanExportQueue(exporter);
+      const exports: Promise<unknown>[] = [];
+      const ctx = { waitUntil: (promise: Promise<unknown>) => void exports.push(promise) };
+      return { queue, telemetry: new Telemetry("guildwire-guild", queue, 0), exports, ctx };
+    };
+    return { requests, exporter, spans, guildTelemetry };
   }
+
+  /** `Date.now()` reads `clock.now` until the test ends (timers still run in real time). */
+  function frozenClock(start: number) {
+    const clock = { now: start };
+    vi.spyOn(Date, "now").mockImplementation(() => clock.now);
+    return clock;
+  }
+  afterEach(() => vi.restoreAllMocks());
 
   it("sends at most 128 spans per request, and drops the oldest (counted) beyond 5,000 waiting", async () => {
     const { requests, exporter, spans } = setup();
@@ -386,126 +401,103 @@ describe("span export batching", () => {
 
   it("a flush starts no request after its timeout (the rest are dropped and counted), and an exporter that throws does not break it", async () => {
     const { spans } = setup();
-    let now = 5_000_000;
-    const clock = vi.spyOn(Date, "now").mockImplementation(() => now);
-    try {
-      let requests = 0;
-      // A collector that answers each request only as its timeout (10 s) runs out.
-      const slow: SpanExporter = {
-        export: (_batch, done) => {
-          requests++;
-          void Promise.resolve().then(() => {
-            now += 10_000;
-            done({ code: ExportResultCode.FAILED, error: new Error("no answer within 10000 ms") });
-          });
-        },
-        shutdown: async () => {},
-      };
-      const queue = new SpanExportQueue(slow, 10_000);
-      for (const span of spans(5_000)) queue.push(span);
-      await queue.flush();
-      expect(requests, "the first 4 started; none after the flush's 10 s").toBe(4);
-      expect(queue.droppedCount).toBe(5_000 - 4 * 128);
+    const clock = frozenClock(5_000_000);
+    let requests = 0;
+    // A collector that answers each request only as its timeout (10 s) runs out.
+    const slow: SpanExporter = {
+      export: (_batch, done) => {
+        requests++;
+        void Promise.resolve().then(() => {
+          clock.now += 10_000;
+          done({ code: ExportResultCode.FAILED, error: new Error("no answer within 10000 ms") });
+        });
+      },
+      shutdown: async () => {},
+    };
+    const queue = new SpanExportQueue(slow, 10_000);
+    for (const span of spans(5_000)) queue.push(span);
+    await queue.flush();
+    expect(requests, "the first 4 started; none after the flush's 10 s").toBe(4);
+    expect(queue.droppedCount).toBe(5_000 - 4 * 128);
 
-      const throwing = new SpanExportQueue({
-        export: () => {
-          throw new Error("cannot encode");
-        },
-        shutdown: async () => {},
-      });
-      for (const span of spans(300)) throwing.push(span);
-      await expect(throwing.flush()).resolves.toBeUndefined();
-    } finally {
-      clock.mockRestore();
-    }
+    const throwing = new SpanExportQueue({
+      export: () => {
+        throw new Error("cannot encode");
+      },
+      shutdown: async () => {},
+    });
+    for (const span of spans(300)) throwing.push(span);
+    await expect(throwing.flush()).resolves.toBeUndefined();
   });
 
   it("a guild whose fanout is sending leaves its spans for the idle hook, unless a request's worth waits or the oldest waited a second", async () => {
-    const { requests, exporter, spans } = setup();
-    const queue = new SpanExportQueue(exporter);
-    const guild = new Telemetry("guildwire-guild", queue, 0);
-    const exports: Promise<unknown>[] = [];
-    const ctx = { waitUntil: (promise: Promise<unknown>) => void exports.push(promise) };
-    let now = 1_000_000;
-    const clock = vi.spyOn(Date, "now").mockImplementation(() => now);
-    try {
-      for (const span of spans(2)) queue.push(span);
-      guild.exportWhenDue(ctx, true);
-      expect(exports, "busy, 2 spans, fresh: left for the idle hook").toHaveLength(0);
-      now += EXPORT_DELAY_MS - 1;
-      guild.exportWhenDue(ctx, true);
-      expect(exports).toHaveLength(0);
-      now += 1;
-      guild.exportWhenDue(ctx, true);
-      expect(exports, "the oldest waited a second").toHaveLength(1);
+    const { requests, spans, guildTelemetry } = setup();
+    const { queue, telemetry, exports, ctx } = guildTelemetry();
+    const clock = frozenClock(1_000_000);
+    for (const span of spans(2)) queue.push(span);
+    telemetry.exportWhenDue(ctx, true);
+    expect(exports, "busy, 2 spans, fresh: left for the idle hook").toHaveLength(0);
+    clock.now += EXPORT_DELAY_MS - 1;
+    telemetry.exportWhenDue(ctx, true);
+    expect(exports).toHaveLength(0);
+    clock.now += 1;
+    telemetry.exportWhenDue(ctx, true);
+    expect(exports, "the oldest waited a second").toHaveLength(1);
 
-      for (const span of spans(128)) queue.push(span);
-      guild.exportWhenDue(ctx, true);
-      expect(exports, "a full request's worth").toHaveLength(2);
+    for (const span of spans(128)) queue.push(span);
+    telemetry.exportWhenDue(ctx, true);
+    expect(exports, "a full request's worth").toHaveLength(2);
 
-      for (const span of spans(1)) queue.push(span);
-      guild.exportWhenDue(ctx, false);
-      expect(exports, "nothing under way: at once").toHaveLength(3);
-      guild.exportWhenDue(ctx, false);
-      expect(exports, "nothing waiting: nothing sent").toHaveLength(3);
-      await Promise.all(exports);
-      expect(requests).toEqual([2, 128, 1]);
-    } finally {
-      clock.mockRestore();
-    }
+    for (const span of spans(1)) queue.push(span);
+    telemetry.exportWhenDue(ctx, false);
+    expect(exports, "nothing under way: at once").toHaveLength(3);
+    telemetry.exportWhenDue(ctx, false);
+    expect(exports, "nothing waiting: nothing sent").toHaveLength(3);
+    await Promise.all(exports);
+    expect(requests).toEqual([2, 128, 1]);
   });
 
   it("a guild's spans wait for its relays' RPCs: exported once they all settle, or as one settles after a second", async () => {
-    const { requests, exporter, spans } = setup();
-    const queue = new SpanExportQueue(exporter);
-    const telemetry = new Telemetry("guildwire-guild", queue, 0);
-    const exports: Promise<unknown>[] = [];
-    const ctx = { waitUntil: (promise: Promise<unknown>) => void exports.push(promise) };
+    const { requests, spans, guildTelemetry } = setup();
+    const { queue, telemetry, exports, ctx } = guildTelemetry();
     const answers: (() => void)[] = [];
     const relayStub = { publish: () => new Promise<void>((resolve) => answers.push(resolve)) } as unknown as RelayStub;
     const RELAY = { idFromName: (name: string) => name, get: () => relayStub } as unknown as Env["RELAY"];
     const fanout = new Fanout<RelayStub>(relayFanoutOptions({ env: { RELAY }, ctx, config: deliveryConfig(env), telemetry, drop: () => {} }));
     fanout.add("g/relay/0", "", "g/relay/0");
     const tick = () => new Promise((r) => setTimeout(r, 2));
-    let now = 9_000_000;
-    const clock = vi.spyOn(Date, "now").mockImplementation(() => now);
-    try {
-      fanout.publish(() => event(1));
-      for (const span of spans(2)) queue.push(span); // guild.dispatch and guild.fanout
-      telemetry.exportWhenDue(ctx, fanout.busy);
-      await tick();
-      expect(answers, "the relay's RPC is in flight").toHaveLength(1);
-      expect(exports, "left for the idle hook").toHaveLength(0);
-      answers.shift()!();
-      await tick();
-      expect(exports, "the relays settled: exported").toHaveLength(1);
+    const clock = frozenClock(9_000_000);
+    fanout.publish(() => event(1));
+    for (const span of spans(2)) queue.push(span); // guild.dispatch and guild.fanout
+    telemetry.exportWhenDue(ctx, fanout.busy);
+    await tick();
+    expect(answers, "the relay's RPC is in flight").toHaveLength(1);
+    expect(exports, "left for the idle hook").toHaveLength(0);
+    answers.shift()!();
+    await tick();
+    expect(exports, "the relays settled: exported").toHaveLength(1);
 
-      fanout.publish(() => event(2));
-      await tick();
-      for (const span of spans(1)) queue.push(span);
-      fanout.publish(() => event(3)); // queued behind 2: the fanout stays busy
-      now += EXPORT_DELAY_MS;
-      answers.shift()!();
-      await tick();
-      expect(exports, "still sending, but the span waited a second").toHaveLength(2);
-      answers.shift()!();
-      await tick();
-      await Promise.all(exports);
-      expect(requests).toEqual([2, 1]);
-    } finally {
-      clock.mockRestore();
-    }
+    fanout.publish(() => event(2));
+    await tick();
+    for (const span of spans(1)) queue.push(span);
+    fanout.publish(() => event(3)); // queued behind 2: the fanout stays busy
+    clock.now += EXPORT_DELAY_MS;
+    answers.shift()!();
+    await tick();
+    expect(exports, "still sending, but the span waited a second").toHaveLength(2);
+    answers.shift()!();
+    await tick();
+    await Promise.all(exports);
+    expect(requests).toEqual([2, 1]);
   });
 
   it("a fanout exports the spans sessions hand back once a request's worth waits, and skips records it cannot read", async () => {
-    const { requests, exporter, spans } = setup();
-    const guild = new Telemetry("guildwire-guild", new SpanExportQueue(exporter), 0);
-    const exports: Promise<unknown>[] = [];
-    const ctx = { waitUntil: (promise: Promise<unknown>) => void exports.push(promise) };
+    const { requests, spans, guildTelemetry } = setup();
+    const { telemetry, exports, ctx } = guildTelemetry();
     const records = spans(100).map(toSpanRecord);
-    guild.adoptSpans(structuredClone(records), ctx);
+    telemetry.adoptSpans(structuredClone(records), ctx);
     expect(exports, "100 waiting: not yet").toHaveLength(0);
-    guild.adoptSpans([...structuredClone(records), { name: "not a record" } as unknown as SpanRecord], ctx);
+    telemetry.adoptSpans([...structuredClone(records), { name: "not a record" } as unknown as SpanRecord], ctx);
     expect(exports, "200 waiting: exported").toHaveLength(1);
     await Promise.all(exports);
     expect(requests).toEqual([128, 72]);

@@ -44,7 +44,28 @@ export interface DevServerOptions {
   logFile?: string;
 }
 
+/** Attempts at starting when a port was taken meanwhile (see startDevServer). */
+const START_ATTEMPTS = 3;
+
+/**
+ * A free port is only free until someone binds it: wrangler also picks ports of its own for the
+ * runtime's sockets, and a second server starting at the same time (tests start two at once) can
+ * take one of ours, or we one of its. Such a start fails with "Address already in use" at once;
+ * it is tried again on fresh ports. Any other failure is reported as it is.
+ */
 export async function startDevServer(options: DevServerOptions = {}): Promise<DevServer> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnce(options);
+    } catch (error) {
+      if (attempt >= START_ATTEMPTS || !(error instanceof PortTakenError)) throw error;
+    }
+  }
+}
+
+class PortTakenError extends Error {}
+
+async function startOnce(options: DevServerOptions): Promise<DevServer> {
   const port = await freePort();
   const inspectorPort = await freePort();
   // Throwaway storage; in memory (tmpfs) where the machine has it, as the storage is thrown away anyway.
@@ -101,7 +122,8 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
   const deadline = Date.now() + (options.startTimeoutMs ?? 60_000);
   while (Date.now() < deadline) {
     // wrangler keeps running (watching for edits) after a failed build: no point waiting it out.
-    if (child.exitCode !== null || /Build failed/.test(output)) break;
+    // Nor after it could not bind a socket (it may keep running after that too).
+    if (child.exitCode !== null || /Build failed|Address already in use/i.test(output)) break;
     try {
       const response = await fetch(`${url}/__ready`, { signal: AbortSignal.timeout(2000) });
       await response.body?.cancel();
@@ -111,7 +133,8 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
     }
   }
   await stop();
-  throw new Error(`wrangler dev did not start on port ${port}:\n${output}`);
+  const message = `wrangler dev did not start on port ${port}:\n${output}`;
+  throw /Address already in use/i.test(output) ? new PortTakenError(message) : new Error(message);
 }
 
 /**

@@ -15,7 +15,7 @@ import {
   type ServerFrame,
 } from "../gateway/protocol.ts";
 import type { DeliveryResult, GuildDelivery, GuildEvent } from "../guild/events.ts";
-import { type HandleOptions, handle } from "../transport/index.ts";
+import { type HandleOptions, handle, isEnvelope } from "../transport/index.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type BufferedDispatch, ResumeBuffer } from "./resume-buffer.ts";
 
@@ -272,11 +272,13 @@ export class Session extends DurableObject<Env> {
       let lastSeq = this.guildSeq(delivery.guildId);
       if (lastSeq === undefined) return;
       for (const incoming of delivery.events) {
+        // A repeat (a retried RPC's, or one a gap fill brought already) is dropped before
+        // `handle`: it delivers nothing, so it gets no delivery span either.
+        if ((isEnvelope(incoming) ? incoming.message : incoming).seq <= lastSeq) continue;
         lastSeq = await handle(
           incoming,
           "session.deliver",
           async (event, received) => {
-            if (event.seq <= lastSeq!) return lastSeq!;
             let seq = lastSeq!;
             if (event.seq > seq + 1) seq = await this.fillGap(delivery.guildId, seq, event.seq);
             this.dispatchEvent(delivery.guildId, event);

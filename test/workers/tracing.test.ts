@@ -136,6 +136,8 @@ describe("sessions hand their delivery spans back to the fanout", () => {
     expect(exported.map((span) => span.spanContext().traceId)).toEqual([traceId]);
     // Unsampled, nothing comes back.
     expect(await session.deliver({ guildId, events: [event(4)], returnSpans: true })).toBeUndefined();
+    // A repeat (a retried RPC) delivers nothing, so it records no span either.
+    expect(await session.deliver({ guildId, events: [wrap(event(2), { carrier })], returnSpans: true })).toBeUndefined();
     await clients[0]!.waitFor(() => clients[0]!.messageSeqs(guildId).length === 4, "all four events");
     expect(clients[0]!.messageSeqs(guildId)).toEqual([1, 2, 3, 4]);
   });

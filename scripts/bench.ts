@@ -16,6 +16,11 @@
  * `always` (every message sampled, every session keeps it: FANOUT_SAMPLING=1:1), `naive` (one
  * awaited RPC per session per message, unbounded, no batching), `single-object` (every socket in
  * one Durable Object broadcasting in a loop).
+ *
+ * `naive` would take minutes over M messages, so it posts fewer (`--naive-messages`, by default
+ * two waves of C) and is waited out like the others: its C concurrent messages finish together,
+ * ~C × N deliveries at once, so a fixed window would count only whole waves and miss the time
+ * of the last one.
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { fork } from "node:child_process";
@@ -44,11 +49,10 @@ const { values } = parseArgs({
     rounds: { type: "string", default: "2" },
     /** Longest wait for a row's deliveries; a row that runs out reports what arrived by then. */
     "timeout-seconds": { type: "string", default: "180" },
-    /**
-     * The naive baseline collapses under load; it is measured over this window (deliveries/s of
-     * what arrived) rather than waited out, so the default run stays under five minutes.
-     */
-    "naive-seconds": { type: "string", default: "30" },
+    /** Messages the naive baseline posts; by default two waves of `--concurrency`, or M if fewer. */
+    "naive-messages": { type: "string" },
+    /** Longest wait for the naive baseline's deliveries; it then reports what arrived by then. */
+    "naive-seconds": { type: "string", default: "90" },
     /** Extra `NAME:value` settings for every row, e.g. `--var FANOUT_MAX_IN_FLIGHT:256`. */
     var: { type: "string", multiple: true, default: [] },
     /** Appends wrangler's output to FILE. */
@@ -61,10 +65,11 @@ const sessions = Number(values.sessions);
 const messages = Number(values.messages);
 const concurrency = Number(values.concurrency);
 const rounds = Number(values.rounds);
+const naiveMessages = values["naive-messages"] === undefined ? Math.min(messages, 2 * concurrency) : Number(values["naive-messages"]);
 const modes = values.modes.split(",").map((m) => m.trim()) as Mode[];
 for (const mode of modes) if (!ALL_MODES.includes(mode)) throw new Error(`unknown mode ${mode}; expected ${ALL_MODES.join(", ")}`);
-if (![sessions, messages, concurrency, rounds].every((n) => Number.isSafeInteger(n) && n > 0)) {
-  throw new Error("--sessions, --messages, --concurrency and --rounds must be positive integers");
+if (![sessions, messages, concurrency, rounds, naiveMessages].every((n) => Number.isSafeInteger(n) && n > 0)) {
+  throw new Error("--sessions, --messages, --concurrency, --rounds and --naive-messages must be positive integers");
 }
 
 /** A mode's result: the median of its rounds, figure by figure, and the rounds themselves. */
@@ -422,7 +427,7 @@ function rowOf(mode: Mode, rounds: Round[], harness: Harness): Row {
   return {
     mode,
     sessions,
-    messages,
+    messages: messagesOf(mode),
     concurrency,
     deliveries: Math.min(...rounds.map((r) => r.deliveries)),
     expectedDeliveries: rounds[0]!.expectedDeliveries,
@@ -452,6 +457,7 @@ async function warmUp(mode: Mode, harness: Harness): Promise<void> {
   process.stderr.write(`${WARM_UP} ${mode}: ${warm.deliveries}/${warm.expectedDeliveries} delivered, ${warm.deliveriesPerSecond}/s\n`);
 }
 
+const messagesOf = (mode: Mode) => (mode === "naive" ? naiveMessages : messages);
 const timeoutMs = (mode: Mode) => Number(mode === "naive" ? values["naive-seconds"] : values["timeout-seconds"]) * 1000;
 const report = (mode: Mode, r: Round, label = "") =>
   process.stderr.write(
@@ -490,11 +496,11 @@ try {
   }
   // The rest differ from these by multiples, not per cent: one round each.
   for (const mode of modes.filter((m) => !paired.includes(m))) {
-    process.stderr.write(`running ${mode}: ${sessions} sessions, ${messages} messages, concurrency ${concurrency}…\n`);
+    process.stderr.write(`running ${mode}: ${sessions} sessions, ${messagesOf(mode)} messages, concurrency ${concurrency}…\n`);
     const harness = await startHarness(mode, sink.url, sink.counts);
     try {
       await warmUp(mode, harness);
-      const result = await harness.round(messages, timeoutMs(mode));
+      const result = await harness.round(messagesOf(mode), timeoutMs(mode));
       report(mode, result);
       rows.push(rowOf(mode, [result], harness));
     } finally {

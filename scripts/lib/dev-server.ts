@@ -59,6 +59,7 @@ export async function startDevServer(options: DevServerOptions = {}): Promise<De
       return await startOnce(options);
     } catch (error) {
       if (attempt >= START_ATTEMPTS || !(error instanceof PortTakenError)) throw error;
+      process.stderr.write(`wrangler dev found a port taken (attempt ${attempt} of ${START_ATTEMPTS}); starting again on fresh ports\n`);
     }
   }
 }
@@ -98,9 +99,12 @@ async function startOnce(options: DevServerOptions): Promise<DevServer> {
   child.stderr!.on("data", record);
 
   const url = `http://127.0.0.1:${port}`;
+  // Killed by a signal, a child has no exit code, only a signal code.
+  const running = () => child.exitCode === null && child.signalCode === null;
   const stop = async (): Promise<void> => {
-    if (child.exitCode === null && child.pid) {
-      const exited = new Promise((r) => child.once("exit", r));
+    if (child.pid) {
+      // The whole group: wrangler may have died and left its runtime behind.
+      const exited = running() ? new Promise((r) => child.once("exit", r)) : Promise.resolve();
       try {
         process.kill(-child.pid, "SIGTERM");
       } catch {
@@ -123,11 +127,15 @@ async function startOnce(options: DevServerOptions): Promise<DevServer> {
   while (Date.now() < deadline) {
     // wrangler keeps running (watching for edits) after a failed build: no point waiting it out.
     // Nor after it could not bind a socket (it may keep running after that too).
-    if (child.exitCode !== null || /Build failed|Address already in use/i.test(output)) break;
+    if (!running() || /Build failed|Address already in use/i.test(output)) break;
     try {
+      // Ready when the Worker itself answers (its JSON 404), not merely wrangler's proxy.
       const response = await fetch(`${url}/__ready`, { signal: AbortSignal.timeout(2000) });
-      await response.body?.cancel();
-      return { url, port, inspectorPort, process: child, output: () => output, stop };
+      const body = (await response.json().catch(() => null)) as { error?: { code?: string } } | null;
+      if (response.status === 404 && body?.error?.code === "not_found") {
+        return { url, port, inspectorPort, process: child, output: () => output, stop };
+      }
+      await new Promise((r) => setTimeout(r, 250));
     } catch {
       await new Promise((r) => setTimeout(r, 250));
     }

@@ -275,12 +275,12 @@ export class Session extends DurableObject<Env> {
         // A repeat (a retried RPC's, or one a gap fill brought already) is dropped before
         // `handle`: it delivers nothing, so it gets no delivery span either.
         if ((isEnvelope(incoming) ? incoming.message : incoming).seq <= lastSeq) continue;
+        const after = lastSeq;
         lastSeq = await handle(
           incoming,
           "session.deliver",
           async (event, received) => {
-            let seq = lastSeq!;
-            if (event.seq > seq + 1) seq = await this.fillGap(delivery.guildId, seq, event.seq);
+            if (event.seq > after + 1) await this.fillGap(delivery.guildId, after, event.seq);
             this.dispatchEvent(delivery.guildId, event);
             // A sampled event's span covers its socket write; the rest go out together below.
             if (received.carrier) this.flushDispatches();

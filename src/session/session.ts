@@ -15,7 +15,7 @@ import {
   type ServerFrame,
 } from "../gateway/protocol.ts";
 import type { DeliveryResult, GuildDelivery, GuildEvent } from "../guild/events.ts";
-import { type HandleOptions, handle, isEnvelope } from "../transport/index.ts";
+import { type HandleOptions, contextFromCarrier, normalize, runInSpan } from "../transport/index.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type BufferedDispatch, ResumeBuffer } from "./resume-buffer.ts";
 
@@ -271,25 +271,36 @@ export class Session extends DurableObject<Env> {
       if (!HOLDING.has(this.state.status)) return;
       let lastSeq = this.guildSeq(delivery.guildId);
       if (lastSeq === undefined) return;
-      for (const incoming of delivery.events) {
-        // A repeat (a retried RPC's, or one a gap fill brought already) is dropped before
-        // `handle`: it delivers nothing, so it gets no delivery span either.
-        if ((isEnvelope(incoming) ? incoming.message : incoming).seq <= lastSeq) continue;
-        const after = lastSeq;
-        lastSeq = await handle(
-          incoming,
-          "session.deliver",
-          async (event, received) => {
-            if (event.seq > after + 1) await this.fillGap(delivery.guildId, after, event.seq);
-            this.dispatchEvent(delivery.guildId, event);
-            // A sampled event's span covers its socket write; the rest go out together below.
-            if (received.carrier) this.flushDispatches();
-            return event.seq;
-          },
-          this.traced,
-        );
+      // A sampled event's span ends once the whole delivery is stored and sent, so tracing adds
+      // no write of its own: the batch is one row whether or not an event in it is sampled.
+      let stored!: () => void;
+      const batchStored = new Promise<void>((resolve) => (stored = resolve));
+      const spans: Promise<unknown>[] = [];
+      try {
+        for (const incoming of delivery.events) {
+          const { message: event, carrier } = normalize(incoming);
+          // A repeat (a retried RPC's, or one a gap fill brought already) delivers nothing.
+          if (event.seq <= lastSeq) continue;
+          const after = lastSeq;
+          const parent = contextFromCarrier(carrier);
+          let gapFill: Promise<void> | undefined;
+          if (parent) {
+            const span = runInSpan(parent, "session.deliver", this.traced, () => {
+              gapFill = this.dispatchAfter(delivery.guildId, after, event);
+              return gapFill ? gapFill.then(() => batchStored) : batchStored;
+            });
+            spans.push(span.catch(() => undefined)); // the span records a failure; `gapFill` throws it
+          } else {
+            gapFill = this.dispatchAfter(delivery.guildId, after, event);
+          }
+          if (gapFill) await gapFill;
+          lastSeq = event.seq;
+        }
+        this.flushDispatches(); // the buffer's runs record the new position
+      } finally {
+        stored();
       }
-      this.flushDispatches(); // the buffer's runs record the new position
+      await Promise.all(spans);
     });
     // Delivery spans: handed back for the caller to export with other sessions', or sent from here.
     if (!delivery.returnSpans) {
@@ -356,6 +367,15 @@ export class Session extends DurableObject<Env> {
     }
     this.flushDispatches();
     return lastSeq;
+  }
+
+  /** Dispatches `event`, after pulling any events between `after` and it that never arrived. */
+  private dispatchAfter(guildId: string, after: number, event: GuildEvent): Promise<void> | undefined {
+    if (event.seq <= after + 1) {
+      this.dispatchEvent(guildId, event);
+      return undefined;
+    }
+    return this.fillGap(guildId, after, event.seq).then(() => this.dispatchEvent(guildId, event));
   }
 
   /** Dispatches a guild's event; its run in the buffer records the session's new position there. */

@@ -1,4 +1,4 @@
-import { SELF, env } from "cloudflare:test";
+import { SELF, env, runInDurableObject } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
 import type { GuildEvent } from "../../src/guild/events.ts";
@@ -140,6 +140,33 @@ describe("sessions hand their delivery spans back to the fanout", () => {
     expect(await session.deliver({ guildId, events: [wrap(event(2), { carrier })], returnSpans: true })).toBeUndefined();
     await clients[0]!.waitFor(() => clients[0]!.messageSeqs(guildId).length === 4, "all four events");
     expect(clients[0]!.messageSeqs(guildId)).toEqual([1, 2, 3, 4]);
+  });
+});
+
+describe("a sampled event in a delivery", () => {
+  it("costs no write of its own: the delivery is one row in the resume buffer, sampled or not", async () => {
+    const guildId = "one-row";
+    const { clients, ids } = await sessions(guildId, 1);
+    const session = env.SESSION.get(env.SESSION.idFromString(ids[0]!));
+    const rows = () => runInDurableObject(session, (_: unknown, state: DurableObjectState) => state.storage.sql.exec<{ n: number }>("SELECT COUNT(*) AS n FROM dispatch_runs").one().n);
+    const event = (seq: number): GuildEvent => ({ type: "MESSAGE_CREATE", seq, data: JSON.stringify({ id: `m${seq}`, guild_id: guildId, author_id: "someone", content: "hi", seq, timestamp: new Date().toISOString() }) });
+    const carrier = { traceparent: traceparent(randomTraceId(), true) };
+    const before = await rows();
+
+    // Sampled events first, in the middle and last, among unsampled ones.
+    const events = [wrap(event(1), { carrier }), event(2), wrap(event(3), { carrier }), event(4), wrap(event(5), { carrier })];
+    const result = await session.deliver({ guildId, events, returnSpans: true });
+    expect(await rows()).toBe(before + 1);
+    expect(result?.spans?.map((span) => span.name)).toEqual(["session.deliver", "session.deliver", "session.deliver"]);
+    await clients[0]!.waitFor(() => clients[0]!.messageSeqs(guildId).length === 5, "all five events");
+    expect(clients[0]!.messageSeqs(guildId)).toEqual([1, 2, 3, 4, 5]);
+
+    // After a gap (the guild's log has nothing to fill it with here), a sampled event still gets
+    // its span, ended once the gap fill and the delivery are done.
+    const afterGap = await session.deliver({ guildId, events: [wrap(event(8), { carrier })], returnSpans: true });
+    expect(afterGap?.spans?.map((span) => span.name)).toEqual(["session.deliver"]);
+    await clients[0]!.waitFor(() => clients[0]!.messageSeqs(guildId).length === 6, "the event after the gap");
+    expect(clients[0]!.messageSeqs(guildId)).toEqual([1, 2, 3, 4, 5, 8]);
   });
 });
 

@@ -61,6 +61,24 @@ export interface HandOffRequest {
 }
 
 const HOLDING: ReadonlySet<Status> = new Set(["ready", "disconnected"]);
+
+/** How a delivery ended, for the spans of its sampled events. */
+interface Outcome {
+  settled: Promise<void>;
+  succeed(): void;
+  fail(error: unknown): void;
+}
+
+function outcomeOf(): Outcome {
+  let succeed!: () => void;
+  let fail!: (error: unknown) => void;
+  const settled = new Promise<void>((resolve, reject) => {
+    succeed = resolve;
+    fail = reject;
+  });
+  settled.catch(() => undefined); // a failure reaches the spans that wait; no one else need listen
+  return { settled, succeed, fail };
+}
 const ENDS_SESSION = (code: number) => code === CloseCode.NORMAL || code === CloseCode.GOING_AWAY;
 
 /**
@@ -271,10 +289,9 @@ export class Session extends DurableObject<Env> {
       if (!HOLDING.has(this.state.status)) return;
       let lastSeq = this.guildSeq(delivery.guildId);
       if (lastSeq === undefined) return;
-      // A sampled event's span ends once the whole delivery is stored and sent, so tracing adds
-      // no write of its own: the batch is one row whether or not an event in it is sampled.
-      let stored!: () => void;
-      const batchStored = new Promise<void>((resolve) => (stored = resolve));
+      // A sampled event's span ends with the whole delivery — stored and sent, or failed — so
+      // tracing adds no write of its own: the batch is one row whether or not events are sampled.
+      let delivered: Outcome | undefined;
       const spans: Promise<unknown>[] = [];
       try {
         for (const incoming of delivery.events) {
@@ -285,11 +302,13 @@ export class Session extends DurableObject<Env> {
           const parent = contextFromCarrier(carrier);
           let gapFill: Promise<void> | undefined;
           if (parent) {
+            const outcome = (delivered ??= outcomeOf()).settled;
+            // runInSpan calls this at once, so `gapFill` is set before it is awaited below.
             const span = runInSpan(parent, "session.deliver", this.traced, () => {
               gapFill = this.dispatchAfter(delivery.guildId, after, event);
-              return gapFill ? gapFill.then(() => batchStored) : batchStored;
+              return gapFill ? gapFill.then(() => outcome) : outcome;
             });
-            spans.push(span.catch(() => undefined)); // the span records a failure; `gapFill` throws it
+            spans.push(span.catch(() => undefined)); // the span records a failure; it is thrown below
           } else {
             gapFill = this.dispatchAfter(delivery.guildId, after, event);
           }
@@ -297,10 +316,12 @@ export class Session extends DurableObject<Env> {
           lastSeq = event.seq;
         }
         this.flushDispatches(); // the buffer's runs record the new position
-      } finally {
-        stored();
+        delivered?.succeed();
+      } catch (error) {
+        delivered?.fail(error);
+        throw error;
       }
-      await Promise.all(spans);
+      if (spans.length > 0) await Promise.all(spans);
     });
     // Delivery spans: handed back for the caller to export with other sessions', or sent from here.
     if (!delivery.returnSpans) {

@@ -1,4 +1,5 @@
 import { SELF, env, runInDurableObject } from "cloudflare:test";
+import { SpanStatusCode } from "@opentelemetry/api";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
 import type { GuildEvent } from "../../src/guild/events.ts";
@@ -167,6 +168,30 @@ describe("a sampled event in a delivery", () => {
     expect(afterGap?.spans?.map((span) => span.name)).toEqual(["session.deliver"]);
     await clients[0]!.waitFor(() => clients[0]!.messageSeqs(guildId).length === 6, "the event after the gap");
     expect(clients[0]!.messageSeqs(guildId)).toEqual([1, 2, 3, 4, 5, 8]);
+  });
+
+  it("ends with the delivery's failure when a later event's gap cannot be filled", async () => {
+    const guildId = "fill-fails";
+    const { ids } = await sessions(guildId, 1);
+    const session = env.SESSION.get(env.SESSION.idFromString(ids[0]!));
+    const event = (seq: number): GuildEvent => ({ type: "MESSAGE_CREATE", seq, data: JSON.stringify({ id: `m${seq}`, guild_id: guildId, author_id: "someone", content: "hi", seq, timestamp: new Date().toISOString() }) });
+    const carrier = { traceparent: traceparent(randomTraceId(), true) };
+    // The guild's log becomes unreachable (an own property is no RPC method: every call fails).
+    await runInDurableObject(env.GUILD.get(env.GUILD.idFromName(guildId)), (guild: object) => {
+      (guild as { eventsAfter: () => Promise<never> }).eventsAfter = async () => {
+        throw new Error("guild log unreachable");
+      };
+    });
+
+    // Event 1 goes out fine; event 3 needs event 2 from the guild, which fails the delivery.
+    const failing = session.deliver({ guildId, events: [wrap(event(1), { carrier }), wrap(event(3), { carrier })], returnSpans: true });
+    await expect(failing).rejects.toThrow(/eventsAfter/);
+    // Both spans failed (event 1's too: its frame was not stored or sent); the next delivery hands them back.
+    const next = await session.deliver({ guildId, events: [event(2)], returnSpans: true });
+    expect(next?.spans?.map((span) => [span.name, span.status.code])).toEqual([
+      ["session.deliver", SpanStatusCode.ERROR],
+      ["session.deliver", SpanStatusCode.ERROR],
+    ]);
   });
 });
 

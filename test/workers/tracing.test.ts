@@ -176,16 +176,23 @@ describe("a sampled event in a delivery", () => {
     const session = env.SESSION.get(env.SESSION.idFromString(ids[0]!));
     const event = (seq: number): GuildEvent => ({ type: "MESSAGE_CREATE", seq, data: JSON.stringify({ id: `m${seq}`, guild_id: guildId, author_id: "someone", content: "hi", seq, timestamp: new Date().toISOString() }) });
     const carrier = { traceparent: traceparent(randomTraceId(), true) };
-    // The guild's log becomes unreachable (an own property is no RPC method: every call fails).
-    await runInDurableObject(env.GUILD.get(env.GUILD.idFromName(guildId)), (guild: object) => {
-      (guild as { eventsAfter: () => Promise<never> }).eventsAfter = async () => {
-        throw new Error("guild log unreachable");
-      };
-    });
-
-    // Event 1 goes out fine; event 3 needs event 2 from the guild, which fails the delivery.
-    const failing = session.deliver({ guildId, events: [wrap(event(1), { carrier }), wrap(event(3), { carrier })], returnSpans: true });
-    await expect(failing).rejects.toThrow(/eventsAfter/);
+    // The guild's log becomes unreachable: its method throws (on the prototype, as RPC sees only
+    // those; put back below, as every guild in this isolate shares it).
+    const guildClass = await runInDurableObject(env.GUILD.get(env.GUILD.idFromName(guildId)), (guild: object) => Object.getPrototypeOf(guild) as { eventsAfter: unknown });
+    const eventsAfter = guildClass.eventsAfter;
+    guildClass.eventsAfter = async () => {
+      throw new Error("guild log unreachable");
+    };
+    try {
+      // Event 1 goes out fine; event 3 needs event 2 from the guild, which fails the delivery.
+      const failed = await session.deliver({ guildId, events: [wrap(event(1), { carrier }), wrap(event(3), { carrier })], returnSpans: true }).then(
+        () => "delivered",
+        (error: Error) => error.message,
+      );
+      expect(failed).toMatch(/guild log unreachable/);
+    } finally {
+      guildClass.eventsAfter = eventsAfter;
+    }
     // Both spans failed (event 1's too: its frame was not stored or sent); the next delivery hands them back.
     const next = await session.deliver({ guildId, events: [event(2)], returnSpans: true });
     expect(next?.spans?.map((span) => [span.name, span.status.code])).toEqual([

@@ -61,6 +61,7 @@ export interface HandOffRequest {
 }
 
 const HOLDING: ReadonlySet<Status> = new Set(["ready", "disconnected"]);
+const ENDS_SESSION = (code: number) => code === CloseCode.NORMAL || code === CloseCode.GOING_AWAY;
 
 /** How a delivery ended, for the spans of its sampled events. */
 interface Outcome {
@@ -79,7 +80,6 @@ function outcomeOf(): Outcome {
   settled.catch(() => undefined); // a failure reaches the spans that wait; no one else need listen
   return { settled, succeed, fail };
 }
-const ENDS_SESSION = (code: number) => code === CloseCode.NORMAL || code === CloseCode.GOING_AWAY;
 
 /**
  * One gateway connection: its WebSocket (hibernation API), the Discord-style protocol, and a

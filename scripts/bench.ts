@@ -47,11 +47,11 @@ const { values } = parseArgs({
      * buffers fill, the machine wanders — and with 3 rounds tiered always had the last slot.
      */
     rounds: { type: "string", default: "2" },
-    /** Longest wait for a row's deliveries; a row that runs out reports what arrived by then. */
+    /** Longest wait for a row's deliveries; a row that runs out fails the run (it says what arrived). */
     "timeout-seconds": { type: "string", default: "180" },
     /** Messages the naive baseline posts; by default two waves of `--concurrency`, or M if fewer. */
     "naive-messages": { type: "string" },
-    /** Longest wait for the naive baseline's deliveries; it then reports what arrived by then. */
+    /** Longest wait for the naive baseline's deliveries; running out fails the run, as above. */
     "naive-seconds": { type: "string", default: "90" },
     /** Extra `NAME:value` settings for every row, e.g. `--var FANOUT_MAX_IN_FLIGHT:256`. */
     var: { type: "string", multiple: true, default: [] },

@@ -156,19 +156,28 @@ export class Session extends DurableObject<Env> {
         return this.send(ws, { op: Op.HEARTBEAT_ACK });
       case Op.IDENTIFY:
       case Op.RESUME: {
-        if (authenticated || this.busy) return this.close(ws, CloseCode.ALREADY_AUTHENTICATED, "already authenticated");
-        this.busy = true;
+        if (authenticated || this.handshaking) return this.close(ws, CloseCode.ALREADY_AUTHENTICATED, "already authenticated");
+        this.handshaking = true;
         try {
           await (frame.op === Op.IDENTIFY ? this.identify(ws, frame.d.token) : this.resume(ws, frame.d));
         } finally {
-          this.busy = false;
+          this.handshaking = false;
+          const code = this.closedWhileHandshaking;
+          this.closedWhileHandshaking = undefined;
+          if (code !== undefined) await this.disconnected(code);
         }
       }
     }
   }
 
   /** An IDENTIFY or RESUME is being processed; a second one is refused. */
-  private busy = false;
+  private handshaking = false;
+  /**
+   * The socket closed while an IDENTIFY or RESUME was being processed. Handled once it is done,
+   * so a session it subscribed (or took over) is ended or left resumable like any other, rather
+   * than wiped while subscriptions are still being made for it.
+   */
+  private closedWhileHandshaking: number | undefined;
 
   override async webSocketClose(_ws: WebSocket, code: number): Promise<void> {
     await this.disconnected(code);
@@ -187,7 +196,10 @@ export class Session extends DurableObject<Env> {
       if (ws) return this.close(ws, CloseCode.SESSION_TIMED_OUT, "no heartbeat received in time");
       return this.disconnected(CloseCode.SESSION_TIMED_OUT);
     }
-    if (status === "disconnected" && now >= this.state.resumeDeadline) return this.end();
+    if (status === "disconnected" && now >= this.state.resumeDeadline) {
+      // After any task in progress, and only if no RESUME took the session meanwhile.
+      return this.enqueue(() => (this.state.status === "disconnected" ? this.end() : undefined));
+    }
     this.scheduleAlarm();
   }
 
@@ -206,12 +218,20 @@ export class Session extends DurableObject<Env> {
   private async identify(ws: WebSocket, token: string): Promise<void> {
     const userId = await this.authenticate(ws, token);
     if (!userId) return;
-    await this.enqueue(async () => {
-      this.setState({ status: "ready", sessionId: this.selfId, userId });
-      const guildIds = await this.user(userId).attachSession(this.selfId, this.selfId);
-      const subscribed = await this.subscribeAll(guildIds.map((guildId) => ({ guildId })));
-      this.dispatch("READY", { session_id: this.selfId, user_id: userId, guilds: subscribed });
-    });
+    try {
+      await this.enqueue(async () => {
+        this.setState({ status: "ready", sessionId: this.selfId, userId });
+        const guildIds = await this.user(userId).attachSession(this.selfId, this.selfId);
+        const subscribed = await this.subscribeAll(guildIds.map((guildId) => ({ guildId })));
+        this.dispatch("READY", { session_id: this.selfId, user_id: userId, guilds: subscribed });
+      });
+    } catch (error) {
+      // The client never got READY (so no session id to resume): undo what was set up, and
+      // say so with a close it can act on, rather than leave it waiting.
+      console.error("IDENTIFY failed:", error);
+      closeSocket(ws, CloseCode.UNKNOWN_ERROR, "the session could not be started; identify again");
+      await this.enqueue(() => this.end());
+    }
   }
 
   private async resume(ws: WebSocket, request: { token: string; session_id: string; seq: number }): Promise<void> {
@@ -230,16 +250,27 @@ export class Session extends DurableObject<Env> {
     if (handOff.kind === "wrong_user") return this.close(ws, CloseCode.AUTHENTICATION_FAILED, "session belongs to another user");
     if (handOff.kind === "unknown") return this.send(ws, { op: Op.INVALID_SESSION, d: false });
     const { frames, guilds, s } = handOff;
-    await this.enqueue(async () => {
-      this.buffer.restore(frames);
-      this.setState({ status: "ready", sessionId: request.session_id, userId, s });
-      for (const { guildId, lastSeq } of guilds) this.setGuildSeq(guildId, lastSeq);
-      for (const { frame } of frames) ws.send(frame);
-      await this.user(userId).attachSession(request.session_id, this.selfId);
-      // Each guild re-targets its deliveries here and replays what came after `lastSeq`.
-      await this.subscribeAll(guilds);
-      this.dispatch("RESUMED", null);
-    });
+    try {
+      await this.enqueue(async () => {
+        this.buffer.restore(frames);
+        this.setState({ status: "ready", sessionId: request.session_id, userId, s });
+        for (const { guildId, lastSeq } of guilds) this.setGuildSeq(guildId, lastSeq);
+        for (const { frame } of frames) ws.send(frame);
+        const memberOf = new Set(await this.user(userId).attachSession(request.session_id, this.selfId));
+        // Each guild re-targets its deliveries here and replays what came after `lastSeq`.
+        const kept = new Set(await this.subscribeAll(guilds.filter(({ guildId }) => memberOf.has(guildId))));
+        // Membership changes sent to the previous holder during the hand-off found no session
+        // there: catch up on them here.
+        for (const { guildId } of guilds) if (!kept.has(guildId)) this.leaveGuild(guildId);
+        const added = [...memberOf].filter((guildId) => !guilds.some((position) => position.guildId === guildId));
+        for (const guildId of await this.subscribeAll(added.map((guildId) => ({ guildId })))) this.dispatch("GUILD_CREATE", { id: guildId });
+        this.dispatch("RESUMED", null);
+      });
+    } catch (error) {
+      // The session is held here now: the client may RESUME again (handled once this is done).
+      console.error("RESUME failed:", error);
+      await this.close(ws, CloseCode.UNKNOWN_ERROR, "the session could not be resumed here; resume again");
+    }
   }
 
   /** Called on the object where a session started, by the object a client resumes on. */
@@ -342,10 +373,15 @@ export class Session extends DurableObject<Env> {
 
   async guildRemoved(guildId: string): Promise<void> {
     await this.enqueue(() => {
-      if (!HOLDING.has(this.state.status) || this.guildSeq(guildId) === undefined) return;
-      this.deleteGuild(guildId);
-      this.dispatch("GUILD_DELETE", { id: guildId });
+      if (HOLDING.has(this.state.status)) this.leaveGuild(guildId);
     });
+  }
+
+  /** No longer a member: forget the guild and tell the client, if it was subscribed. */
+  private leaveGuild(guildId: string): void {
+    if (this.guildSeq(guildId) === undefined) return;
+    this.deleteGuild(guildId);
+    this.dispatch("GUILD_DELETE", { id: guildId });
   }
 
   // ---- internals ----------------------------------------------------------------------------
@@ -356,16 +392,14 @@ export class Session extends DurableObject<Env> {
     return run;
   }
 
-  /** Subscribes to each guild (resuming after `lastSeq` when given); returns the guilds that accepted. */
+  /** Subscribes to each guild (resuming after `lastSeq` when given); returns the guilds that accepted (the caller handles the rest). */
   private async subscribeAll(guilds: { guildId: string; lastSeq?: number }[]): Promise<string[]> {
     const { sessionId, userId } = this.state;
-    const results = await Promise.all(
+    // Every subscribe settles before a failure is thrown, so the session knows each guild it is in.
+    const results = await allSettledOrThrow(
       guilds.map(async ({ guildId, lastSeq: after }) => {
         const result = await this.guild(guildId).subscribe({ sessionId, userId, target: this.selfId, ...(after === undefined ? {} : { after }) });
-        if (!result.ok) {
-          this.deleteGuild(guildId);
-          return null;
-        }
+        if (!result.ok) return null;
         if (after === undefined) this.setGuildSeq(guildId, result.value.lastSeq);
         else if (result.value.lastSeq > after) this.setGuildSeq(guildId, await this.fillGap(guildId, after, result.value.lastSeq + 1));
         return guildId;
@@ -434,33 +468,36 @@ export class Session extends DurableObject<Env> {
   }
 
   private close(ws: WebSocket, code: CloseCode, reason: string): Promise<void> {
-    try {
-      ws.close(code, reason);
-    } catch {
-      // already closing
-    }
+    closeSocket(ws, code, reason);
     return this.disconnected(code);
   }
 
+  /**
+   * The socket closed. Runs after any task in progress (a delivery, a guild joined), so the
+   * session ends knowing every guild it subscribed to; during an IDENTIFY or RESUME, after it.
+   */
   private async disconnected(code: number): Promise<void> {
-    const { status } = this.state;
-    if (status === "connecting") {
-      this.wipe();
+    if (this.handshaking) {
+      this.closedWhileHandshaking ??= code;
       return;
     }
-    if (status !== "ready") return;
-    if (ENDS_SESSION(code)) return this.end();
-    this.setState({ status: "disconnected", resumeDeadline: Date.now() + RESUME_WINDOW_MS });
-    this.scheduleAlarm();
+    await this.enqueue(() => {
+      const { status } = this.state;
+      if (status === "connecting") return this.wipe();
+      if (status !== "ready") return;
+      if (ENDS_SESSION(code)) return this.end();
+      this.setState({ status: "disconnected", resumeDeadline: Date.now() + RESUME_WINDOW_MS });
+      this.scheduleAlarm();
+    });
   }
 
-  /** The session is over: leave every guild and the user directory, then forget everything. */
+  /** The session is over: leave every guild and the user directory, then forget everything. Runs as a task. */
   private async end(): Promise<void> {
     const { sessionId, userId } = this.state;
     const guildIds = this.guildSeqs().map((position) => position.guildId);
     this.setState({ status: "ended" });
     const ws = this.socket();
-    if (ws) ws.close(CloseCode.NORMAL, "session ended");
+    if (ws) closeSocket(ws, CloseCode.NORMAL, "session ended");
     await Promise.allSettled([
       ...guildIds.map((id) => this.guild(id).unsubscribe(sessionId)),
       this.user(userId).detachSession(sessionId),
@@ -527,12 +564,14 @@ export class Session extends DurableObject<Env> {
     return Array.from(this.guildPositions(), ([guildId, lastSeq]) => ({ guildId, lastSeq }));
   }
 
-  /** The connection's socket; looked up once per wake-up (hibernation drops this cache). */
+  /** Looked up once per wake-up (hibernation drops this cache). */
   private cachedSocket: WebSocket | undefined;
 
+  /** The connection's open socket: one being closed takes no more frames (they stay buffered for RESUME). */
   private socket(): WebSocket | undefined {
-    if (this.cachedSocket && this.cachedSocket.readyState !== WebSocket.READY_STATE_CLOSED) return this.cachedSocket;
-    this.cachedSocket = this.ctx.getWebSockets()[0];
+    if (this.cachedSocket?.readyState !== WebSocket.READY_STATE_OPEN) {
+      this.cachedSocket = this.ctx.getWebSockets().find((ws) => ws.readyState === WebSocket.READY_STATE_OPEN);
+    }
     return this.cachedSocket;
   }
 
@@ -551,4 +590,20 @@ export class Session extends DurableObject<Env> {
       return null; // not an id this namespace could have made
     }
   }
+}
+
+function closeSocket(ws: WebSocket, code: CloseCode, reason: string): void {
+  try {
+    ws.close(code, reason);
+  } catch {
+    // already closing
+  }
+}
+
+/** Like `Promise.all`, but waits for every promise before throwing the first failure. */
+async function allSettledOrThrow<T>(promises: Promise<T>[]): Promise<T[]> {
+  const settled = await Promise.allSettled(promises);
+  const failed = settled.find((result) => result.status === "rejected");
+  if (failed) throw failed.reason;
+  return settled.map((result) => (result as PromiseFulfilledResult<T>).value);
 }

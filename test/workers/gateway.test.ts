@@ -154,3 +154,88 @@ describe("bad input", () => {
     expect(history.map((m) => m.content)).toEqual(["kept 1", "kept 2"]);
   });
 });
+
+describe("a connection that ends or fails while IDENTIFY or RESUME is under way", () => {
+  const subscriptions = (guildId: string) =>
+    runInDurableObject(guildStub(guildId), (guild: Guild) =>
+      (guild as unknown as { ctx: DurableObjectState }).ctx.storage.sql.exec<{ session_id: string }>("SELECT session_id FROM subscriptions").toArray().map((r) => r.session_id),
+    );
+  const userSessions = (userId: string) =>
+    runInDurableObject(env.USER.get(env.USER.idFromName(userId)), (_user, state) =>
+      state.storage.sql.exec<{ session_id: string }>("SELECT session_id FROM sessions").toArray().map((r) => r.session_id),
+    );
+  const sessionStatus = (sessionId: string) =>
+    runInDurableObject(sessionStub(sessionId), (session: Session) => (session as unknown as { state: { status: string } }).state.status);
+
+  it("a close right after IDENTIFY ends the session: no guild or user directory keeps it", async () => {
+    await addMember("early-close", "early-user");
+    const client = await TestClient.connect();
+    await client.waitFor(() => client.frames.find((f) => f.op === 10), "HELLO");
+    client.send({ op: 2, d: { token: await token("early-user") } });
+    client.ws.close(1001, "tab closed");
+    await scheduler.wait(500); // IDENTIFY has run its course by now (it takes a few ms)
+    expect(await subscriptions("early-close")).toEqual([]);
+    expect(await userSessions("early-user")).toEqual([]);
+  });
+
+  it("an IDENTIFY whose guild cannot be reached closes with 4000 and leaves nothing subscribed", async () => {
+    await addMember("identify-fails", "if-user");
+    await addMember("identify-ok", "if-user");
+    const guildClass = await runInDurableObject(guildStub("identify-fails"), (guild: object) => Object.getPrototypeOf(guild) as { subscribe: (s: { sessionId: string }) => unknown });
+    const subscribe = guildClass.subscribe;
+    guildClass.subscribe = async function (this: { guildId: string }, ...args: [{ sessionId: string }]) {
+      if (this.guildId === "identify-fails") throw new Error("guild unreachable");
+      return subscribe.apply(this, args);
+    } as typeof subscribe;
+    try {
+      const client = await TestClient.connect();
+      await client.waitFor(() => client.frames.find((f) => f.op === 10), "HELLO");
+      client.send({ op: 2, d: { token: await token("if-user") } });
+      const closed = await client.waitFor(() => client.closed, "close");
+      expect(closed.code).toBe(4000);
+      expect(client.dispatches("READY")).toEqual([]);
+      await scheduler.wait(100);
+      expect(await subscriptions("identify-ok")).toEqual([]);
+      expect(await userSessions("if-user")).toEqual([]);
+    } finally {
+      guildClass.subscribe = subscribe;
+    }
+    // Once the guild is back, identifying again works.
+    const again = await TestClient.connect();
+    await again.identify("if-user");
+    expect((again.dispatches("READY")[0]!.d as { guilds: string[] }).guilds).toEqual(["identify-fails", "identify-ok"]);
+  });
+
+  it("a RESUME catches up on a guild joined and a guild left while the session was being handed over", async () => {
+    for (const guildId of ["handoff-kept", "handoff-left"]) await addMember(guildId, "ho-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("ho-user");
+    await post("handoff-kept", "ho-user", "before");
+    await client.waitFor(() => client.messageSeqs().length === 1, "first message");
+    client.ws.close(4000, "network dropped");
+    for (const deadline = Date.now() + 3000; (await sessionStatus(sessionId)) !== "disconnected" && Date.now() < deadline; ) await scheduler.wait(20);
+    // The user directory's notifications reach the old holder, as they would mid-hand-off, and
+    // find no session there: it has moved (here: to an object standing in for the new holder).
+    await runInDurableObject(sessionStub(sessionId), (session: Session) => {
+      const internals = session as unknown as { state: { status: string } };
+      internals.state.status = "moved";
+    });
+    await addMember("handoff-joined", "ho-user");
+    await api("DELETE", "/api/guilds/handoff-left/members/ho-user", "admin");
+    await runInDurableObject(sessionStub(sessionId), (session: Session) => {
+      (session as unknown as { state: { status: string } }).state.status = "disconnected";
+    });
+
+    const resumed = await TestClient.connect();
+    await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
+    resumed.send({ op: 6, d: { token: await token("ho-user"), session_id: sessionId, seq: 2 } });
+    await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    expect(resumed.dispatches().map((f) => [f.t, (f.d as { id?: string } | null)?.id])).toEqual([
+      ["GUILD_DELETE", "handoff-left"],
+      ["GUILD_CREATE", "handoff-joined"],
+      ["RESUMED", undefined],
+    ]);
+    await post("handoff-joined", "ho-user", "in the new guild");
+    await resumed.waitFor(() => resumed.messageSeqs("handoff-joined").length === 1, "message in the joined guild");
+  });
+});

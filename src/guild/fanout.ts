@@ -2,6 +2,9 @@ import { AsyncLocalStorage } from "node:async_hooks";
 import type { Incoming } from "../transport/index.ts";
 import type { GuildEvent } from "./events.ts";
 
+/** Consumed entries at the front of the ready list before it is compacted. */
+const READY_COMPACT_AT = 1024;
+
 /** One recipient (a session, or a relay) with the events waiting for it. */
 export interface Recipient<Stub> {
   /** Session id, or relay key. */
@@ -109,7 +112,25 @@ export class Fanout<Stub> {
   /** `count` events are no longer outstanding (delivered, or abandoned with their recipient). */
   private settle(count: number): void {
     this.outstanding -= count;
-    while (this.admissions.length > 0 && !this.overBacklog()) this.admissions.shift()!();
+    this.admitNext();
+  }
+
+  private admissionScheduled = false;
+
+  /**
+   * Admits the first waiter if there is room. Only one at a time: the backlog grows when the
+   * admitted caller publishes, in its continuation, so the next is looked at after that (a
+   * macrotask later), or a single settle would admit every waiter past the bound.
+   */
+  private admitNext(): void {
+    if (this.admissionScheduled || this.admissions.length === 0 || this.overBacklog()) return;
+    this.admissions.shift()!();
+    if (this.admissions.length === 0) return;
+    this.admissionScheduled = true;
+    setTimeout(() => {
+      this.admissionScheduled = false;
+      this.admitNext();
+    }, 0);
   }
 
   /** Adds or replaces a recipient. A replaced one's queue and in-flight RPC are abandoned. */
@@ -272,6 +293,10 @@ export class Fanout<Stub> {
     }
     if (this.readyHead === this.ready.length) {
       this.ready.length = 0;
+      this.readyHead = 0;
+    } else if (this.readyHead >= READY_COMPACT_AT && this.readyHead * 2 >= this.ready.length) {
+      // A fanout that stays saturated never empties the list: drop the consumed front now and then.
+      this.ready.splice(0, this.readyHead);
       this.readyHead = 0;
     }
   }

@@ -287,6 +287,44 @@ describe("Fanout", () => {
     expect(h.sent.filter((s) => s.sessionId === "b").flatMap((s) => s.seqs)).toEqual([4]);
   });
 
+  it("admits waiters one at a time, each after the one before has published, so the bound holds", async () => {
+    const pending: (() => void)[] = [];
+    const fanout = new Fanout<unknown>({ maxInFlight: 10, maxBacklog: 2, send: () => new Promise<void>((resolve) => pending.push(resolve)), drop: () => {} });
+    fanout.add("s1", "u1", "t1");
+    let seq = 0;
+    for (let i = 0; i < 3; i++) fanout.publish(() => event(++seq)); // 3 > 2: over the bound
+    const outstanding = () => (fanout as unknown as { outstanding: number }).outstanding;
+    let mostOutstanding = 0;
+    // 100 posters do what a guild's createMessage does: wait to be admitted, then publish.
+    const posters = Array.from({ length: 100 }, async () => {
+      await fanout.admit();
+      fanout.publish(() => event(++seq));
+      mostOutstanding = Math.max(mostOutstanding, outstanding());
+    });
+    while (seq < 103) {
+      await new Promise((resolve) => setTimeout(resolve, 1));
+      pending.shift()?.(); // one RPC settles at a time
+    }
+    await Promise.all(posters);
+    expect(mostOutstanding).toBeLessThanOrEqual(3); // the bound (2) plus the one admitted message
+  });
+
+  it("keeps its list of recipients waiting for a slot bounded while it stays saturated", async () => {
+    const pending: (() => void)[] = [];
+    const fanout = new Fanout<unknown>({ maxInFlight: 2, send: () => new Promise<void>((resolve) => pending.push(resolve)), drop: () => {} });
+    for (let i = 0; i < 10; i++) fanout.add(`s${i}`, `u${i}`, `t${i}`);
+    const readyLength = () => (fanout as unknown as { ready: unknown[] }).ready.length;
+    let seq = 0;
+    let longest = 0;
+    for (let round = 0; round < 1300; round++) {
+      fanout.publish(() => event(++seq)); // a message each round, one RPC back each round
+      pending.shift()?.();
+      await new Promise((resolve) => setTimeout(resolve, 0));
+      longest = Math.max(longest, readyLength());
+    }
+    expect(longest).toBeLessThan(1100); // 10 recipients; compacted once 1,024 entries are used up (1,300 without)
+  });
+
   it("the naive baseline has no bound", () => {
     const fanout = new Fanout<unknown>({ maxInFlight: 1, maxBacklog: 1, strategy: "naive", send: async () => {}, drop: () => {} });
     fanout.add("s1", "u1", "t1");

@@ -41,7 +41,6 @@ interface FanoutOwner<Stub> {
   config: DeliveryConfig;
   /** Exports the owner's spans, and those its callees hand back, once the fanout is idle. */
   telemetry: Telemetry;
-  drop(recipient: Recipient<Stub>, error: unknown): void;
 }
 
 /** Bounds from the config; spans waiting for the fanout go out when it has nothing in flight. */
@@ -51,13 +50,14 @@ function ownerOptions<Stub>(owner: FanoutOwner<Stub>): Omit<FanoutOptions<Stub>,
     maxInFlight: config.maxInFlight,
     maxBacklog: config.maxBacklog,
     strategy: config.strategy,
-    drop: owner.drop,
     idle: () => telemetry.exportPending(ctx),
   };
 }
 
 export interface SessionFanoutOwner extends FanoutOwner<SessionStub> {
   env: Env;
+  /** A session that kept failing is dropped: the owner forgets it. */
+  drop(recipient: Recipient<SessionStub>, error: unknown): void;
   guildId(): string;
   onSent?(durationMs: number): void;
 }
@@ -73,6 +73,7 @@ export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<S
   const { env, ctx, telemetry } = owner;
   return {
     ...ownerOptions(owner),
+    drop: owner.drop,
     send: (recipient, events: Incoming<GuildEvent>[]) => {
       recipient.stub ??= env.SESSION.get(env.SESSION.idFromString(recipient.target));
       const started = Date.now();
@@ -90,19 +91,33 @@ export interface RelayFanoutOwner extends FanoutOwner<RelayStub> {
   env: Pick<Env, "RELAY">;
 }
 
+/** Longest pause between two attempts to reach a relay. */
+const MAX_RELAY_RETRY_DELAY_MS = 2000;
+
 /**
  * Fanout options that deliver a guild's events to its relays: one `publish` RPC per relay
  * carries every event queued for it. The guild's spans are exported when the relays' RPCs have
  * all settled, or as one settles once they have waited too long.
+ *
+ * A relay is never dropped: its sessions would silently stop receiving the guild. One that
+ * fails is retried for as long as it takes (its events wait, in order), and the admission bound
+ * makes posters wait meanwhile instead of queueing without end.
  */
 export function relayFanoutOptions(owner: RelayFanoutOwner): FanoutOptions<RelayStub> {
   const { env, ctx, telemetry } = owner;
   return {
     ...ownerOptions(owner),
+    retryDelayMs: (attempt) => Math.min(50 * 4 ** (attempt - 1), MAX_RELAY_RETRY_DELAY_MS),
     send: (relay, events) => {
       relay.stub ??= env.RELAY.get(env.RELAY.idFromName(relay.target));
       // A relay may hold its answer (admission): spans that waited too long go now.
-      return relay.stub.publish(events).then(() => telemetry.exportWhenDue(ctx, true));
+      return relay.stub.publish(events).then(
+        () => telemetry.exportWhenDue(ctx, true),
+        (error: unknown) => {
+          console.error(`relay ${relay.target} unreachable; retrying:`, error);
+          throw error;
+        },
+      );
     },
   };
 }

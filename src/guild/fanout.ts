@@ -13,8 +13,8 @@ export interface Recipient<Stub> {
   readonly target: string;
   stub: Stub | undefined;
   queue: Incoming<GuildEvent>[];
-  /** Events in the RPC in flight (0 when none). */
-  inFlight: number;
+  /** Events in the RPC in flight (empty when none). */
+  batch: Incoming<GuildEvent>[];
   sending: boolean;
   waiting: boolean;
   failures: number;
@@ -23,8 +23,8 @@ export interface Recipient<Stub> {
 export interface FanoutOptions<Stub> {
   /** Sends every queued event to one recipient in one RPC. */
   send(recipient: Recipient<Stub>, events: Incoming<GuildEvent>[]): Promise<void>;
-  /** A recipient that kept failing is dropped; the owner forgets its subscription. */
-  drop(recipient: Recipient<Stub>, error: unknown): void;
+  /** A recipient that kept failing is dropped; the owner forgets its subscription. Unset: never dropped, retried for ever. */
+  drop?(recipient: Recipient<Stub>, error: unknown): void;
   /**
    * Called when the last RPC in flight settles and nothing is waiting for a slot or about to
    * start (a recipient waiting out a retry's backoff does not count). Must not throw.
@@ -142,7 +142,7 @@ export class Fanout<Stub> {
       target,
       stub: undefined,
       queue: backlog,
-      inFlight: 0,
+      batch: [],
       sending: false,
       waiting: false,
       failures: 0,
@@ -155,7 +155,7 @@ export class Fanout<Stub> {
 
   /** A recipient leaves: its queued and in-flight events stop counting against the backlog. */
   private abandon(recipient: Recipient<Stub> | undefined): void {
-    if (recipient) this.settle(recipient.queue.length + recipient.inFlight);
+    if (recipient) this.settle(recipient.queue.length + recipient.batch.length);
   }
 
   get(id: string): Recipient<Stub> | undefined {
@@ -172,6 +172,11 @@ export class Fanout<Stub> {
   clear(): void {
     this.recipients.clear();
     this.settle(this.outstanding);
+  }
+
+  /** Every event still queued or in flight, per recipient: in flight first, then queued. */
+  *pending(): Iterable<Incoming<GuildEvent>> {
+    for (const recipient of this.recipients.values()) yield* recipient.batch.concat(recipient.queue);
   }
 
   /** Every recipient of one user, e.g. to drop them when the user leaves the guild. */
@@ -237,13 +242,13 @@ export class Fanout<Stub> {
   private start(recipient: Recipient<Stub>): void {
     const events = recipient.queue;
     recipient.queue = [];
-    recipient.inFlight = events.length;
+    recipient.batch = events;
     recipient.sending = true;
     this.inFlight++;
     this.options.send(recipient, events).then(
       () => {
         recipient.failures = 0;
-        recipient.inFlight = 0;
+        recipient.batch = [];
         // A removed or replaced recipient's events were settled when it left.
         if (this.isCurrent(recipient)) this.settle(events.length);
         this.finish(recipient);
@@ -251,18 +256,18 @@ export class Fanout<Stub> {
       (error: unknown) => {
         recipient.stub = undefined; // a stub that threw is broken; the next send makes a new one
         recipient.failures++;
-        if (recipient.failures >= this.maxAttempts) {
+        if (this.options.drop && recipient.failures >= this.maxAttempts) {
           if (this.isCurrent(recipient)) {
             this.remove(recipient.id);
             this.options.drop(recipient, error);
           }
-          recipient.inFlight = 0;
+          recipient.batch = [];
           this.finish(recipient);
           return;
         }
         // Put the batch back in front of anything queued since, then retry after a pause;
         // the slot is freed meanwhile so others keep going.
-        recipient.inFlight = 0;
+        recipient.batch = [];
         recipient.queue = events.concat(recipient.queue);
         this.inFlight--;
         this.pump();

@@ -2,7 +2,7 @@ import { DurableObject } from "cloudflare:workers";
 import type { Env } from "../env.ts";
 import type { Message } from "../gateway/protocol.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
-import { type HandleOptions, type Incoming, handle } from "../transport/index.ts";
+import { type HandleOptions, type Incoming, handle, normalize } from "../transport/index.ts";
 import { type DeliveryConfig, type RelayStub, type SessionStub, deliveryConfig, relayFanoutOptions, sessionFanoutOptions } from "./delivery.ts";
 import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
 import { Fanout } from "./fanout.ts";
@@ -99,11 +99,6 @@ export class Guild extends DurableObject<Env> {
         ctx,
         config: this.config,
         telemetry: this.telemetry,
-        // A relay is never dropped for good: the next event re-creates it (and resynchronises).
-        drop: (relay, error) => {
-          console.error(`guild ${this.guildId}: relay ${relay.target} unreachable:`, error);
-          this.relaysSynced = false;
-        },
       }),
     );
     // Subscriptions outlive eviction. What was queued in memory is not replayed: a session that
@@ -216,7 +211,7 @@ export class Guild extends DurableObject<Env> {
       if (this.relayCount > 0 && this.subscribers.size > this.relayCount * this.config.relaySize) {
         await this.useRelays(this.relayCount * 2);
       } else if (this.relayCount > 0) {
-        await this.relay(this.relayOf(sessionId)).assign(this.guildId, [{ sessionId, userId, target, backlog: [] }], []);
+        await this.assign(this.relayOf(sessionId), [{ sessionId, userId, target, backlog: [] }], []);
       } else if (this.subscribers.size >= this.config.relayThreshold) {
         await this.useRelays(Math.ceil(this.subscribers.size / this.config.relaySize) + 1);
       } else {
@@ -273,8 +268,17 @@ export class Guild extends DurableObject<Env> {
     return `${this.guildId}/relay/${index}`;
   }
 
-  private relay(index: number): RelayStub {
-    return this.relays.get(this.relayName(index))?.stub ?? this.env.RELAY.get(this.env.RELAY.idFromName(this.relayName(index)));
+  /** Assigns sessions to a relay, through the stub its events go by, so they arrive in order. */
+  private async assign(index: number, add: RelayAssignment[], remove: string[], replace = false): Promise<Released[]> {
+    const recipient = this.relays.get(this.relayName(index));
+    const stub = recipient?.stub ?? this.env.RELAY.get(this.env.RELAY.idFromName(this.relayName(index)));
+    if (recipient) recipient.stub = stub;
+    try {
+      return await stub.assign(this.guildId!, add, remove, replace);
+    } catch (error) {
+      if (recipient?.stub === stub) recipient.stub = undefined; // a stub that threw is broken
+      throw error;
+    }
   }
 
   private addRelayRecipients(): void {
@@ -285,15 +289,24 @@ export class Guild extends DurableObject<Env> {
   /**
    * Moves every session onto `count` relays, with whatever was still queued for it. Sessions
    * drop repeats and pull gaps by `seq`, so a move can never lose or reorder an event.
+   *
+   * From relays to more relays, every event still queued for a relay or in flight to one goes
+   * to every new relay again, after it learns its sessions: an old relay may fan out what it
+   * was sent only after its sessions moved, and a session that missed the last events of a
+   * quiet guild would find no later event to show it the gap.
    */
   private async useRelays(count: number): Promise<void> {
     const queued = new Map<string, Incoming<GuildEvent>[]>();
     for (const recipient of this.sessions.all()) queued.set(recipient.id, recipient.queue);
     this.sessions.clear();
+    const unsent = new Map<number, Incoming<GuildEvent>>();
+    for (const event of this.relays.pending()) unsent.set(normalize(event).message.seq, event);
     this.relayCount = count;
     this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('relay_count', ?)", String(count));
     this.addRelayRecipients();
-    await this.syncRelays(queued);
+    const synced = this.syncRelays(queued); // assignments go out first, on the stubs events use
+    for (const seq of [...unsent.keys()].sort((a, b) => a - b)) this.relays.publish(() => unsent.get(seq)!);
+    await synced;
   }
 
   /**
@@ -310,19 +323,19 @@ export class Guild extends DurableObject<Env> {
     for (const sessionId of this.subscribers.keys()) shares[this.relayOf(sessionId)]!.push(assignment(sessionId, queued.get(sessionId) ?? [])!);
     let released: Released[];
     try {
-      released = (await Promise.all(shares.map((share, i) => this.relay(i).assign(this.guildId!, share, [], true)))).flat();
+      released = (await Promise.all(shares.map((share, i) => this.assign(i, share, [], true)))).flat();
     } catch (error) {
       this.relaysSynced = false; // try again before the next event
       throw error;
     }
     const moved = released.map((r) => assignment(r.sessionId, r.backlog)).filter((a) => a !== null && a.backlog.length > 0);
-    await Promise.all(moved.map((a) => this.relay(this.relayOf(a!.sessionId)).assign(this.guildId!, [a!], [])));
+    await Promise.all(moved.map((a) => this.assign(this.relayOf(a!.sessionId), [a!], [])));
   }
 
   private async forget(sessionId: string): Promise<void> {
     if (!this.subscribers.delete(sessionId)) return;
     this.sql.exec("DELETE FROM subscriptions WHERE session_id = ?", sessionId);
-    if (this.relayCount > 0) await this.relay(this.relayOf(sessionId)).assign(this.guildId!, [], [sessionId]);
+    if (this.relayCount > 0) await this.assign(this.relayOf(sessionId), [], [sessionId]);
     else this.sessions.remove(sessionId);
   }
 

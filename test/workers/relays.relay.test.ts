@@ -1,4 +1,4 @@
-import { SELF, env, evictDurableObject } from "cloudflare:test";
+import { SELF, env, evictDurableObject, runInDurableObject } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
 import { TestClient, addMember, post, token } from "./gateway-client.ts";
@@ -91,3 +91,69 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
     for (const delivery of byName(spans, "session.deliver")) expect(relayIds.has(delivery.parentSpanContext!.spanId)).toBe(true);
   });
 });
+
+describe("relays that fail or are slow", () => {
+  /** Makes one relay object's `publish` behave differently until `restore` (every relay in this isolate shares the prototype). */
+  async function patchPublish(relayName: string, replacement: (original: (...args: unknown[]) => Promise<unknown>, args: unknown[]) => Promise<unknown>) {
+    const stub = env.RELAY.get(env.RELAY.idFromName(relayName));
+    const target = env.RELAY.idFromName(relayName).toString();
+    const proto = await runInDurableObject(stub, (relay: object) => Object.getPrototypeOf(relay) as { publish: (...args: unknown[]) => Promise<unknown> });
+    const original = proto.publish;
+    proto.publish = function (this: { ctx: DurableObjectState }, ...args: unknown[]) {
+      return this.ctx.id.toString() === target ? replacement(original.bind(this), args) : original.apply(this, args);
+    };
+    return () => {
+      proto.publish = original;
+    };
+  }
+
+  it("a relay that fails for a while is retried, not dropped: its sessions get every event once it is back", async () => {
+    const guildId = "relay-outage";
+    const clients = [];
+    for (let i = 0; i < 5; i++) clients.push(await join(guildId, `out-${i}`));
+    const { relays } = await guildStub(guildId).fanoutState();
+    expect(relays).toBeGreaterThan(1);
+    await post(guildId, "out-0", "first");
+    const restore = await patchPublish(`${guildId}/relay/0`, async () => {
+      throw new Error("relay overloaded");
+    });
+    try {
+      await post(guildId, "out-0", "during the outage");
+      await scheduler.wait(1500); // longer than the 50 + 200 + 800 ms after which a session is dropped
+    } finally {
+      restore();
+    }
+    await post(guildId, "out-0", "after 1");
+    await post(guildId, "out-0", "after 2");
+    for (const client of clients) {
+      await client.waitFor(() => client.messageSeqs().length === 4, "all four messages", 8000);
+      expect(client.messageSeqs()).toEqual([1, 2, 3, 4]);
+    }
+  });
+
+  it("when relays double, events still queued for or in flight to the old ones reach every session", async () => {
+    const guildId = "relay-doubling";
+    const clients = [];
+    for (let i = 0; i < 9; i++) clients.push(await join(guildId, `dbl-${i}`));
+    expect((await guildStub(guildId).fanoutState()).relays).toBe(3);
+    // One relay is slow to take events (as when its own backlog is full).
+    const restore = await patchPublish(`${guildId}/relay/0`, async (original, args) => {
+      await scheduler.wait(800);
+      return original(...args);
+    });
+    try {
+      for (const n of [1, 2, 3]) await post(guildId, "dbl-0", `m${n}`); // in flight to relay 0, then queued for it
+      clients.push(await join(guildId, "dbl-9")); // 10 sessions > 3 relays × 3: relays double
+    } finally {
+      restore();
+    }
+    expect((await guildStub(guildId).fanoutState()).relays).toBe(6);
+    // No later message arrives to reveal a gap: the events themselves must get there.
+    for (const client of clients.slice(0, 9)) {
+      await client.waitFor(() => client.messageSeqs().length === 3, "all three messages", 5000);
+      await scheduler.wait(20);
+      expect(client.messageSeqs()).toEqual([1, 2, 3]);
+    }
+  });
+});
+

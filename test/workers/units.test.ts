@@ -501,7 +501,7 @@ describe("span export batching", () => {
     const answers: (() => void)[] = [];
     const relayStub = { publish: () => new Promise<void>((resolve) => answers.push(resolve)) } as unknown as RelayStub;
     const RELAY = { idFromName: (name: string) => name, get: () => relayStub } as unknown as Env["RELAY"];
-    const fanout = new Fanout<RelayStub>(relayFanoutOptions({ env: { RELAY }, ctx, config: deliveryConfig(env), telemetry, drop: () => {} }));
+    const fanout = new Fanout<RelayStub>(relayFanoutOptions({ env: { RELAY }, ctx, config: deliveryConfig(env), telemetry }));
     fanout.add("g/relay/0", "", "g/relay/0");
     const tick = () => new Promise((r) => setTimeout(r, 2));
     const clock = frozenClock(9_000_000);

@@ -3,7 +3,7 @@ import type { Session } from "../session/session.ts";
 import type { SpanRecord, Telemetry } from "../telemetry/index.ts";
 import { DEFAULT_FANOUT_SAMPLING, type FanoutTier, type Incoming, type TransportMode, parseFanoutTiers, parseTransportMode } from "../transport/index.ts";
 import type { GuildEvent } from "./events.ts";
-import type { FanoutOptions, Recipient } from "./fanout.ts";
+import { type FanoutOptions, type Recipient, RecipientGone } from "./fanout.ts";
 import type { Relay } from "./relay.ts";
 
 export type SessionStub = DurableObjectStub<Session>;
@@ -78,6 +78,7 @@ export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<S
       recipient.stub ??= env.SESSION.get(env.SESSION.idFromString(recipient.target));
       const started = Date.now();
       return recipient.stub.deliver({ guildId: owner.guildId(), events, returnSpans: telemetry.enabled }).then((result) => {
+        if (result?.gone) throw new RecipientGone(`session ${recipient.id} has ended`);
         owner.onSent?.(Date.now() - started);
         // (RPC's result type widens the records' tuples, such as HrTime, to arrays.)
         if (result?.spans) telemetry.adoptSpans(result.spans as SpanRecord[], ctx);

@@ -36,6 +36,8 @@ export interface GuildDelivery {
 /** A delivery's answer: the spans it recorded, when the caller asked for them and there are any. */
 export interface DeliveryResult {
   spans?: SpanRecord[];
+  /** The session has ended (or never started): stop delivering to it. */
+  gone?: true;
 }
 
 /** Errors cross Durable Object boundaries as values, shaped for the HTTP API. */

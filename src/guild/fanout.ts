@@ -2,6 +2,9 @@ import { AsyncLocalStorage } from "node:async_hooks";
 import type { Incoming } from "../transport/index.ts";
 import type { GuildEvent } from "./events.ts";
 
+/** A send's failure that no retry can mend (the recipient has ended): it is dropped at once. */
+export class RecipientGone extends Error {}
+
 /** Consumed entries at the front of the ready list before it is compacted. */
 const READY_COMPACT_AT = 1024;
 
@@ -256,7 +259,7 @@ export class Fanout<Stub> {
       (error: unknown) => {
         recipient.stub = undefined; // a stub that threw is broken; the next send makes a new one
         recipient.failures++;
-        if (this.options.drop && recipient.failures >= this.maxAttempts) {
+        if (this.options.drop && (recipient.failures >= this.maxAttempts || error instanceof RecipientGone)) {
           if (this.isCurrent(recipient)) {
             this.remove(recipient.id);
             this.options.drop(recipient, error);

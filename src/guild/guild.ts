@@ -5,7 +5,7 @@ import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type HandleOptions, type Incoming, handle, normalize } from "../transport/index.ts";
 import { type DeliveryConfig, type RelayStub, type SessionStub, deliveryConfig, relayFanoutOptions, sessionFanoutOptions } from "./delivery.ts";
 import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
-import { Fanout } from "./fanout.ts";
+import { Fanout, RecipientGone } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
 import type { RelayAssignment, Released } from "./relay.ts";
 import { Timings } from "./timings.ts";
@@ -87,8 +87,9 @@ export class Guild extends DurableObject<Env> {
         telemetry: this.telemetry,
         guildId: () => this.guildId!,
         drop: (recipient, error) => {
-          console.warn(`guild ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
-          this.forget(recipient.id);
+          const ended = error instanceof RecipientGone;
+          if (!ended) console.warn(`guild ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
+          void this.dropSession(recipient.id, recipient.target, ended);
         },
         onSent: (ms) => this.timings.record("fanout_rpc", ms),
       }),
@@ -225,9 +226,27 @@ export class Guild extends DurableObject<Env> {
     await this.timings.time("unsubscribe", () => this.forget(sessionId));
   }
 
-  /** A relay could not reach a session: forget it here too. */
-  async dropSession(sessionId: string): Promise<void> {
+  /**
+   * Deliveries to a session kept failing (here or on its relay), or it answered that it has
+   * ended: forget it. One that may still be alive is told, so it can subscribe again; otherwise
+   * it would sit connected, never hearing from this guild again.
+   */
+  async dropSession(sessionId: string, target: string, ended: boolean): Promise<void> {
+    if (this.subscribers.get(sessionId)?.target !== target) return; // re-targeted since (a RESUME)
+    if (!ended) this.ctx.waitUntil(this.tellDropped(target));
     await this.forget(sessionId);
+  }
+
+  /** Best effort, a few times over ~10 s: what made deliveries fail may still be passing. */
+  private async tellDropped(target: string): Promise<void> {
+    for (const delayMs of [1000, 3000, 6000]) {
+      await scheduler.wait(delayMs);
+      try {
+        return await this.env.SESSION.get(this.env.SESSION.idFromString(target)).guildDropped(this.guildId!);
+      } catch (error) {
+        console.warn(`guild ${this.guildId}: could not tell session ${target} it was dropped:`, error);
+      }
+    }
   }
 
   /** Events after `after` (at most `limit`), for a subscribed session that found a gap. */

@@ -46,12 +46,14 @@ export class User extends DurableObject<Env> {
     await this.notifySessions((session) => session.guildRemoved(guildId));
   }
 
-  private async notifySessions(notify: (session: DurableObjectStub<import("../session/session.ts").Session>) => Promise<unknown>): Promise<void> {
+  private async notifySessions(notify: (session: DurableObjectStub<import("../session/session.ts").Session>) => Promise<{ gone?: true }>): Promise<void> {
     const sessions = this.sql.exec<{ session_id: string; target: string }>("SELECT session_id, target FROM sessions").toArray();
     await Promise.all(
       sessions.map(async ({ session_id, target }) => {
         try {
-          await notify(this.env.SESSION.get(this.env.SESSION.idFromString(target)));
+          const { gone } = await notify(this.env.SESSION.get(this.env.SESSION.idFromString(target)));
+          // It ended without detaching (its detach failed): forget it.
+          if (gone) this.sql.exec("DELETE FROM sessions WHERE session_id = ? AND target = ?", session_id, target);
         } catch (error) {
           // A session that cannot be reached has ended without detaching; forget it.
           console.warn(`user directory: session ${session_id} unreachable, forgetting it:`, error);

@@ -316,10 +316,10 @@ export class Session extends DurableObject<Env> {
   // ---- deliveries from guilds and the user directory ---------------------------------------
 
   async deliver(delivery: GuildDelivery): Promise<DeliveryResult | undefined> {
-    await this.enqueue(async () => {
-      if (!HOLDING.has(this.state.status)) return;
+    const gone = await this.enqueue(async () => {
+      if (!HOLDING.has(this.state.status)) return this.gone;
       let lastSeq = this.guildSeq(delivery.guildId);
-      if (lastSeq === undefined) return;
+      if (lastSeq === undefined) return false; // GUILD_DELETE sent already; the guild is told apart
       // A sampled event's span ends with the whole delivery — stored and sent, or failed — so
       // tracing adds no write of its own: the batch is one row whether or not events are sampled.
       let delivered: Outcome | undefined;
@@ -353,7 +353,9 @@ export class Session extends DurableObject<Env> {
         throw error;
       }
       if (spans.length > 0) await Promise.all(spans);
+      return false;
     });
+    if (gone) return { gone: true };
     // Delivery spans: handed back for the caller to export with other sessions', or sent from here.
     if (!delivery.returnSpans) {
       this.telemetry.exportPending(this.ctx);
@@ -363,18 +365,41 @@ export class Session extends DurableObject<Env> {
     return spans && { spans };
   }
 
-  async guildAdded(guildId: string): Promise<void> {
-    await this.enqueue(async () => {
-      if (!HOLDING.has(this.state.status) || this.guildSeq(guildId) !== undefined) return;
+  /** The user joined a guild. Answers `gone` if the session has ended, so the user directory forgets it. */
+  async guildAdded(guildId: string): Promise<{ gone?: true }> {
+    return this.enqueue(async () => {
+      if (!HOLDING.has(this.state.status)) return this.gone ? { gone: true } : {};
+      if (this.guildSeq(guildId) !== undefined) return {};
       const subscribed = await this.subscribeAll([{ guildId }]);
       if (subscribed.length > 0) this.dispatch("GUILD_CREATE", { id: guildId });
+      return {};
     });
   }
 
-  async guildRemoved(guildId: string): Promise<void> {
-    await this.enqueue(() => {
-      if (HOLDING.has(this.state.status)) this.leaveGuild(guildId);
+  /** The user left a guild. Answers `gone` if the session has ended, as `guildAdded` does. */
+  async guildRemoved(guildId: string): Promise<{ gone?: true }> {
+    return this.enqueue(() => {
+      if (!HOLDING.has(this.state.status)) return this.gone ? { gone: true } : {};
+      this.leaveGuild(guildId);
+      return {};
     });
+  }
+
+  /**
+   * A guild stopped delivering here after deliveries kept failing: subscribe again from where
+   * the session got to (pulling what it missed), or leave the guild if no longer a member.
+   */
+  async guildDropped(guildId: string): Promise<void> {
+    await this.enqueue(async () => {
+      const lastSeq = this.guildSeq(guildId);
+      if (!HOLDING.has(this.state.status) || lastSeq === undefined) return;
+      if ((await this.subscribeAll([{ guildId, lastSeq }])).length === 0) this.leaveGuild(guildId);
+    });
+  }
+
+  /** Nothing lives here: the session ended (or never started). One that moved is still alive elsewhere. */
+  private get gone(): boolean {
+    return this.state.status === "ended" || this.state.status === "connecting";
   }
 
   /** No longer a member: forget the guild and tell the client, if it was subscribed. */

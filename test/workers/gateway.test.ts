@@ -6,6 +6,12 @@ import { TestClient, addMember, api, post, token } from "./gateway-client.ts";
 
 const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
 const sessionStub = (sessionId: string) => env.SESSION.get(env.SESSION.idFromString(sessionId));
+const userSessions = (userId: string) =>
+  runInDurableObject(env.USER.get(env.USER.idFromName(userId)), (_user, state) =>
+    state.storage.sql.exec<{ session_id: string }>("SELECT session_id FROM sessions").toArray().map((r) => r.session_id),
+  );
+const sessionStatus = (sessionId: string) =>
+  runInDurableObject(sessionStub(sessionId), (session: Session) => (session as unknown as { state: { status: string } }).state.status);
 
 describe("sessions over real WebSockets in workerd", () => {
   it("keep working across hibernation: the socket stays open and state survives", async () => {
@@ -133,6 +139,75 @@ describe("fanout", () => {
   });
 });
 
+describe("fanout to sessions that fail or have ended", () => {
+  const fanoutSessions = async (guildId: string) => (await guildStub(guildId).fanoutState()).sessions;
+  /** Replaces a method on the prototype every object of the class in this isolate shares, until `restore`. */
+  async function patch<T extends object>(stub: DurableObjectStub, method: string, replacement: (self: T, original: (...args: unknown[]) => unknown, args: unknown[]) => unknown) {
+    const proto = await runInDurableObject(stub, (instance: object) => Object.getPrototypeOf(instance) as Record<string, (...args: unknown[]) => unknown>);
+    const original = proto[method]!;
+    proto[method] = function (this: T, ...args: unknown[]) {
+      return replacement(this, original.bind(this), args);
+    };
+    return () => {
+      proto[method] = original;
+    };
+  }
+
+  it("a session dropped after its deliveries kept failing is told, subscribes again and misses nothing", async () => {
+    const guildId = "flaky-session";
+    for (const user of ["fl-ok", "fl-victim"]) await addMember(guildId, user);
+    const ok = await TestClient.connect();
+    await ok.identify("fl-ok");
+    const victim = await TestClient.connect();
+    const victimId = await victim.identify("fl-victim");
+    const failUntil = Date.now() + 1500;
+    const restore = await patch<{ ctx: DurableObjectState }>(sessionStub(victimId), "deliver", (self, original, args) => {
+      if (self.ctx.id.toString() === victimId && Date.now() < failUntil) throw new Error("session overloaded");
+      return original(...args);
+    });
+    try {
+      await post(guildId, "fl-ok", "while it fails");
+      await ok.waitFor(() => ok.messageSeqs().length === 1, "first message");
+      for (const deadline = Date.now() + 3000; (await fanoutSessions(guildId)) === 2 && Date.now() < deadline; ) await scheduler.wait(50);
+      expect(await fanoutSessions(guildId)).toBe(1); // dropped after 50 + 200 + 800 ms of retries
+      // Told about a second later (and again later if that fails), it subscribes again and pulls what it missed.
+      await victim.waitFor(() => victim.messageSeqs().length === 1, "the missed message", 12_000);
+    } finally {
+      restore();
+    }
+    expect(await fanoutSessions(guildId)).toBe(2);
+    await post(guildId, "fl-ok", "after");
+    await victim.waitFor(() => victim.messageSeqs().length === 2, "the next message");
+    expect(victim.messageSeqs()).toEqual([1, 2]);
+    expect(victim.closed).toBeNull();
+  }, 20_000);
+
+  it("a session that ended but could not unsubscribe is forgotten by the guild and the user directory when it answers that it has ended", async () => {
+    const guildId = "ended-session";
+    await addMember(guildId, "end-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("end-user");
+    const failed: string[] = [];
+    const restoreGuild = await patch(guildStub(guildId), "unsubscribe", () => (failed.push("unsubscribe"), Promise.reject(new Error("guild unreachable"))));
+    const user = env.USER.get(env.USER.idFromName("end-user"));
+    const restoreUser = await patch(user, "detachSession", () => (failed.push("detach"), Promise.reject(new Error("directory unreachable"))));
+    try {
+      client.ws.close(1000, "bye");
+      for (const deadline = Date.now() + 3000; failed.length < 2 && Date.now() < deadline; ) await scheduler.wait(10);
+      expect(failed.sort()).toEqual(["detach", "unsubscribe"]);
+    } finally {
+      restoreGuild();
+      restoreUser();
+    }
+    expect(await fanoutSessions(guildId)).toBe(1); // still subscribed: the unsubscribe failed
+    await post(guildId, "end-user", "to nobody");
+    for (const deadline = Date.now() + 3000; (await fanoutSessions(guildId)) === 1 && Date.now() < deadline; ) await scheduler.wait(20);
+    expect(await fanoutSessions(guildId)).toBe(0);
+    await addMember("ended-session-2", "end-user"); // the directory tells its sessions, and hears back
+    expect(await userSessions("end-user")).toEqual([]);
+  });
+});
+
 describe("bad input", () => {
   it("closes with the contract's code and leaves the session resumable with nothing lost", async () => {
     await addMember("bad", "bad-user");
@@ -160,12 +235,6 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
     runInDurableObject(guildStub(guildId), (guild: Guild) =>
       (guild as unknown as { ctx: DurableObjectState }).ctx.storage.sql.exec<{ session_id: string }>("SELECT session_id FROM subscriptions").toArray().map((r) => r.session_id),
     );
-  const userSessions = (userId: string) =>
-    runInDurableObject(env.USER.get(env.USER.idFromName(userId)), (_user, state) =>
-      state.storage.sql.exec<{ session_id: string }>("SELECT session_id FROM sessions").toArray().map((r) => r.session_id),
-    );
-  const sessionStatus = (sessionId: string) =>
-    runInDurableObject(sessionStub(sessionId), (session: Session) => (session as unknown as { state: { status: string } }).state.status);
 
   it("a close right after IDENTIFY ends the session: no guild or user directory keeps it", async () => {
     await addMember("early-close", "early-user");

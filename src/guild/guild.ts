@@ -296,6 +296,7 @@ export class Guild extends DurableObject<Env> {
       return await stub.assign(this.guildId!, add, remove, replace);
     } catch (error) {
       if (recipient?.stub === stub) recipient.stub = undefined; // a stub that threw is broken
+      this.relaysSynced = false; // the relay may hold sessions it should not: resynchronise before the next event
       throw error;
     }
   }

@@ -155,9 +155,24 @@ export function parseSampleRate(value: string | undefined): number {
 export const exportTimeout = (env: TelemetryEnv): number =>
   positiveIntegerVar("OTEL_EXPORTER_OTLP_TIMEOUT", env.OTEL_EXPORTER_OTLP_TIMEOUT, DEFAULT_EXPORT_TIMEOUT_MS);
 
+/** OTEL_EXPORTER_OTLP_ENDPOINT: empty (tracing off) or an http(s) base URL; anything else would fail every export, quietly. */
+export function parseEndpoint(value: string | undefined): string {
+  if (!value) return "";
+  let url: URL | undefined;
+  try {
+    url = new URL(value);
+  } catch {
+    // reported below
+  }
+  if (url?.protocol !== "http:" && url?.protocol !== "https:") {
+    throw new Error(`OTEL_EXPORTER_OTLP_ENDPOINT is "${value}"; expected an http:// or https:// URL, or empty to turn tracing off`);
+  }
+  return value;
+}
+
 /** The telemetry of one service, shared within the isolate. */
 export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry {
-  const endpoint = env.OTEL_EXPORTER_OTLP_ENDPOINT ?? "";
+  const endpoint = parseEndpoint(env.OTEL_EXPORTER_OTLP_ENDPOINT);
   // Only the API starts traces; guilds and sessions continue them or do nothing.
   const rootSampleRate = service === "guildwire-api" ? parseSampleRate(env.TRACE_SAMPLE_RATE) : 0;
   const timeoutMs = exportTimeout(env); // checked on every call: a bad value fails loudly, always

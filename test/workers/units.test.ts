@@ -348,6 +348,7 @@ describe("a bad tracing setting", () => {
   it.each([
     ["TRACE_SAMPLE_RATE", "2"],
     ["OTEL_EXPORTER_OTLP_TIMEOUT", "10s"],
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318"],
   ])("%s=%s: the API answers 500 server_misconfigured, naming the setting", async (name, value) => {
     const ctx = createExecutionContext();
     const response = await handleRequest(new Request("http://gateway.test/api/guilds/g/messages"), { ...env, [name]: value }, ctx);

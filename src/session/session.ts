@@ -179,7 +179,10 @@ export class Session extends DurableObject<Env> {
    */
   private closedWhileHandshaking: number | undefined;
 
-  override async webSocketClose(_ws: WebSocket, code: number): Promise<void> {
+  override async webSocketClose(ws: WebSocket, code: number, reason: string): Promise<void> {
+    // Complete the closing handshake now (echoing the client's code, as RFC 6455 suggests), so
+    // the client is not left waiting on whatever the session does next.
+    closeSocket(ws, code === 1005 || code === 1006 || code === 1015 ? CloseCode.NORMAL : code, reason);
     await this.disconnected(code);
   }
 
@@ -617,7 +620,7 @@ export class Session extends DurableObject<Env> {
   }
 }
 
-function closeSocket(ws: WebSocket, code: CloseCode, reason: string): void {
+function closeSocket(ws: WebSocket, code: number, reason: string): void {
   try {
     ws.close(code, reason);
   } catch {

@@ -5,7 +5,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { appendFileSync, existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
-import { tmpdir } from "node:os";
+import { constants, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 
 export const ROOT = resolve(import.meta.dirname, "../..");
@@ -42,6 +42,47 @@ export interface DevServerOptions {
   startTimeoutMs?: number;
   /** Also append everything wrangler prints to this file (benchmarks: to see a runtime restart). */
   logFile?: string;
+}
+
+/**
+ * Servers started and not yet stopped: process group id → storage dir. wrangler runs in a group of
+ * its own (so stop() can kill workerd with it), which also means a Ctrl-C on us never reaches it:
+ * on SIGINT/SIGTERM, or any exit, we kill those groups and remove their storage ourselves.
+ */
+const live = new Map<number, string>();
+
+function killLive(): void {
+  for (const [pgid, dir] of live) {
+    try {
+      // SIGKILL: on "exit" nothing can wait for a graceful stop, and the storage is thrown away.
+      process.kill(-pgid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+    try {
+      rmSync(dir, { recursive: true, force: true });
+    } catch {
+      // Exiting: nothing better to do than go on with the next server.
+    }
+  }
+  live.clear();
+}
+
+let cleanupInstalled = false;
+
+/** Once per process, on the first start (importing this module, as scripts/start.ts does, installs nothing). */
+function installCleanup(): void {
+  if (cleanupInstalled) return;
+  cleanupInstalled = true;
+  process.on("exit", killLive);
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    // A listener replaces Node's default of dying by the signal: exit as that would (128 + signo),
+    // so a Ctrl-C still stops the run and its caller sees it was interrupted.
+    process.on(signal, () => {
+      killLive();
+      process.exit(128 + constants.signals[signal]);
+    });
+  }
 }
 
 /** Attempts at starting when a port was taken meanwhile (see startDevServer). */
@@ -90,6 +131,10 @@ async function startOnce(options: DevServerOptions): Promise<DevServer> {
     stdio: ["ignore", "pipe", "pipe"],
     detached: true,
   });
+  if (child.pid) {
+    installCleanup();
+    live.set(child.pid, persist);
+  }
   let output = "";
   const record = (chunk: Buffer) => {
     output += chunk.toString();
@@ -119,6 +164,7 @@ async function startOnce(options: DevServerOptions): Promise<DevServer> {
       }, 5000);
       await exited;
       clearTimeout(timer);
+      live.delete(child.pid);
     }
     rmSync(persist, { recursive: true, force: true });
   };

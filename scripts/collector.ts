@@ -90,15 +90,15 @@ export async function startCollector(options: CollectorOptions = {}): Promise<Co
     const query = new URLSearchParams((request.url ?? "").split("?")[1] ?? "");
     const method = request.method ?? "GET";
 
-    if (path === "/v1/traces") {
-      if (method !== "POST") return methodNotAllowed(request, response, "POST");
-      return receive(request, response);
-    }
-    // Everything else reads traces: answer loopback names only, so a web page cannot read them
-    // through DNS rebinding.
+    // Loopback names only, so a web page can neither read traces nor send spans through DNS
+    // rebinding.
     if (isLoopback(host) && !isLoopbackHostHeader(request.headers.host)) {
       request.resume();
       return sendJson(response, 403, { error: { code: "forbidden_host", message: "the collector answers only requests addressed to a loopback host" } });
+    }
+    if (path === "/v1/traces") {
+      if (method !== "POST") return methodNotAllowed(request, response, "POST");
+      return receive(request, response);
     }
     if (method !== "GET" && method !== "HEAD") return methodNotAllowed(request, response, "GET");
     request.resume();
@@ -135,11 +135,14 @@ export async function startCollector(options: CollectorOptions = {}): Promise<Co
 
   async function receive(request: IncomingMessage, response: ServerResponse): Promise<void> {
     const contentType = (request.headers["content-type"] ?? "").split(";")[0]!.trim().toLowerCase();
-    const isProtobuf = contentType === "application/x-protobuf" || contentType === "application/protobuf";
-    const isJson = contentType === "" || contentType === "application/json" || contentType.endsWith("+json");
+    // What OTLP/HTTP exporters send. A missing type is refused too: a web page can POST a typeless
+    // Blob cross-origin without a CORS preflight, which must not put spans in the viewer.
+    const isProtobuf = contentType === "application/x-protobuf";
+    const isJson = contentType === "application/json";
     try {
       if (!isJson && !isProtobuf) {
-        throw new HttpError(415, "unsupported_media_type", `content-type "${contentType}" is not supported: send OTLP/HTTP as application/json or application/x-protobuf`);
+        const given = contentType ? `content-type "${contentType}" is not supported` : "content-type is missing";
+        throw new HttpError(415, "unsupported_media_type", `${given}: send OTLP/HTTP as application/json or application/x-protobuf`);
       }
       const body = await decompress(await readBody(request), request.headers["content-encoding"]);
       let decoded: DecodedRequest;

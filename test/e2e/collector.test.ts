@@ -371,6 +371,34 @@ describe("local trace collector", () => {
       });
       expect(foreign).toBe(403);
     });
+
+    it("keeps out spans a web page could send: a typeless body (no CORS preflight) → 415, a foreign Host → 403", async () => {
+      const traceId = randomTraceId();
+      const spans = exportRequest([{ service: "attacker", spans: [{ traceId, spanId: randomSpanId(), name: "injected", startMs: 0, durationMs: 1 }] }]);
+
+      // What fetch(url, {method: "POST", body: new Blob([...])}) sends from any page: no Content-Type.
+      const typeless = await fetch(`${collector.url}/v1/traces`, { method: "POST", body: new Blob([spans]) });
+      const text = await typeless.text();
+      const answer: Answer = { status: typeless.status, text, body: parseJson(text) };
+      expectError(answer, 415);
+      expect((answer.body as { error: { message: string } }).error.message).toMatch(/content-type is missing.*application\/json/);
+
+      const foreign = await new Promise<Answer>((resolve, reject) => {
+        const request = httpRequest(`${collector.url}/v1/traces`, { method: "POST", headers: { host: "attacker.example:4318", "content-type": "application/json" } }, (response) => {
+          let text = "";
+          response.on("data", (chunk: Buffer) => (text += chunk.toString()));
+          response.on("end", () => resolve({ status: response.statusCode ?? 0, text, body: parseJson(text) }));
+        });
+        request.on("error", reject);
+        request.end(spans);
+      });
+      expectError(foreign, 403);
+
+      expect((await fetch(`${collector.url}/api/traces/${traceId}`)).status).toBe(404);
+      // The same spans, sent as an exporter does, are taken.
+      expect((await send(collector.url, spans)).status).toBe(200);
+      expect((await traceOf(collector, traceId)).spans).toHaveLength(1);
+    });
   });
 
   it("serves the list and waterfall pages with span data escaped", async () => {

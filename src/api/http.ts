@@ -22,13 +22,10 @@ export function errorResponse(error: HttpError): Response {
 /** Largest request body we read; anything bigger is 413 before it is parsed. */
 export const MAX_BODY_BYTES = 64 * 1024;
 
+const tooLarge = (): HttpError => new HttpError(413, "payload_too_large", `request body exceeds ${MAX_BODY_BYTES} bytes`);
+
 export async function readJsonObject(request: Request): Promise<Record<string, unknown>> {
-  const declared = Number(request.headers.get("content-length") ?? "0");
-  if (declared > MAX_BODY_BYTES) throw new HttpError(413, "payload_too_large", `request body exceeds ${MAX_BODY_BYTES} bytes`);
-  const text = await request.text();
-  if (new TextEncoder().encode(text).byteLength > MAX_BODY_BYTES) {
-    throw new HttpError(413, "payload_too_large", `request body exceeds ${MAX_BODY_BYTES} bytes`);
-  }
+  const text = await readText(request);
   let body: unknown;
   try {
     body = JSON.parse(text);
@@ -39,4 +36,29 @@ export async function readJsonObject(request: Request): Promise<Record<string, u
     throw new HttpError(400, "invalid_body", "request body must be a JSON object");
   }
   return body as Record<string, unknown>;
+}
+
+/**
+ * The body as UTF-8 text (invalid bytes replaced, as `request.text()` does), read chunk by chunk
+ * so that a body without Content-Length (chunked) is refused as soon as it passes MAX_BODY_BYTES
+ * rather than buffered whole first.
+ */
+async function readText(request: Request): Promise<string> {
+  if (Number(request.headers.get("content-length") ?? "0") > MAX_BODY_BYTES) throw tooLarge();
+  if (!request.body) return "";
+  const reader = request.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > MAX_BODY_BYTES) {
+      // Not awaited: the answer should not wait on the client.
+      reader.cancel().catch(() => {});
+      throw tooLarge();
+    }
+    chunks.push(value);
+  }
+  return new Blob(chunks).text();
 }

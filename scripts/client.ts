@@ -5,11 +5,12 @@
  *
  * Gets a development token, connects, identifies, prints every dispatch, and posts each line you
  * type to the current guild (`/guild NAME` switches). `--join` adds you to a guild first (with a
- * development admin token). If the connection drops, it reconnects and RESUMEs.
+ * development admin token). If the connection drops, it reconnects (1 s, doubling up to 30 s) and
+ * RESUMEs, or IDENTIFYs afresh once the session has expired; a refused token is renewed once.
  */
 import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
-import { Op } from "../src/gateway/protocol.ts";
+import { CloseCode, Op } from "../src/gateway/protocol.ts";
 import { GatewayClient } from "./lib/gateway-client.ts";
 
 const { values } = parseArgs({
@@ -33,7 +34,7 @@ async function devToken(userId: string, admin = false): Promise<string> {
   return ((await response.json()) as { token: string }).token;
 }
 
-const token = await devToken(user);
+let token = await devToken(user);
 for (const guild of values.join) {
   const response = await fetch(`${base}/api/guilds/${guild}/members/${user}`, {
     method: "PUT",
@@ -42,18 +43,56 @@ for (const guild of values.join) {
   if (!response.ok) throw new Error(`could not join ${guild}: ${await response.text()}`);
 }
 
-let current = values.guild ?? values.join[0];
-let sessionId: string | undefined;
-let client: GatewayClient;
-let printed = 0;
+const RETRY_MIN_MS = 1000;
+const RETRY_MAX_MS = 30_000;
 
-function show(): void {
-  for (; printed < client.frames.length; printed++) {
-    const frame = client.frames[printed]!;
+let current = values.guild ?? values.join[0];
+let client: GatewayClient | undefined;
+let handled = 0;
+/** The session to RESUME; undefined → IDENTIFY. */
+let sessionId: string | undefined;
+/**
+ * Last dispatch `s` seen on any connection: a resumed socket that drops before its first
+ * dispatch must still resume from here (0 would be too old for the server's buffer → op 9).
+ */
+let lastSeq = 0;
+/** Wait before the next reconnect: doubles per failed attempt, back to the minimum on READY/RESUMED. */
+let retryMs = RETRY_MIN_MS;
+/** A new token was fetched after a 4004 and no session has started since: another 4004 is final. */
+let tokenRenewed = false;
+
+function handshake(gateway: GatewayClient): void {
+  if (sessionId) gateway.send({ op: Op.RESUME, d: { token, session_id: sessionId, seq: lastSeq } });
+  else gateway.send({ op: Op.IDENTIFY, d: { token } });
+}
+
+/** READY or RESUMED: the connection works, so the next drop starts the backoff and token renewal anew. */
+function sessionStarted(): void {
+  retryMs = RETRY_MIN_MS;
+  tokenRenewed = false;
+}
+
+/** Acts on the frames not handled yet: the handshake, an invalid session, and printing dispatches. */
+function handle(gateway: GatewayClient): void {
+  for (; handled < gateway.frames.length; handled++) {
+    const frame = gateway.frames[handled]!;
+    if (frame.op === Op.HELLO) {
+      gateway.startHeartbeat();
+      handshake(gateway);
+    } else if (frame.op === Op.INVALID_SESSION) {
+      // The session is gone (away longer than the resume window): start a new one on this socket.
+      console.log("* session expired; identifying afresh (messages sent meanwhile are not shown)");
+      sessionId = undefined;
+      handshake(gateway);
+    } else if (frame.op === Op.RECONNECT) {
+      gateway.socket.close(4000, "reconnect requested"); // not 1000, which would end the session
+    }
     if (frame.op !== Op.DISPATCH) continue;
+    lastSeq = frame.s!;
     const d = frame.d as Record<string, unknown>;
     switch (frame.t) {
       case "READY":
+        sessionStarted();
         sessionId = d.session_id as string;
         current ??= (d.guilds as string[])[0];
         console.log(`* ready as ${user} in ${(d.guilds as string[]).join(", ") || "no guilds yet"}; typing goes to ${current ?? "(none)"}`);
@@ -66,29 +105,57 @@ function show(): void {
         console.log(`* ${frame.t === "GUILD_CREATE" ? "joined" : "left"} ${d.id}`);
         break;
       case "RESUMED":
+        sessionStarted();
         console.log("* resumed; nothing missed");
         break;
     }
   }
 }
 
-async function connect(resume: boolean): Promise<void> {
-  const previousSeq = client?.seq ?? 0;
-  client = await GatewayClient.connect(base);
-  printed = 0;
-  client.socket.on("message", show);
-  client.socket.on("close", (code: number, reason: Buffer) => {
-    if (code === 1000) return process.exit(0);
-    console.log(`* disconnected (${code} ${reason.toString()}); resuming…`);
-    setTimeout(() => connect(true).catch((e: unknown) => console.error(e)), 1000);
-  });
-  await client.waitFor(() => client.frames.find((f) => f.op === Op.HELLO), 10_000, "HELLO");
-  client.startHeartbeat();
-  if (resume && sessionId) client.send({ op: Op.RESUME, d: { token, session_id: sessionId, seq: previousSeq } });
-  else client.send({ op: Op.IDENTIFY, d: { token } });
+function giveUp(message: string): never {
+  console.error(`* ${message}`);
+  process.exit(1);
 }
 
-await connect(false);
+async function onClose(code: number, reason: string): Promise<void> {
+  if (code === CloseCode.NORMAL) process.exit(0);
+  if (code === CloseCode.AUTHENTICATION_FAILED) {
+    if (tokenRenewed) giveUp(`the gateway refused a fresh token too (${reason}); giving up`);
+    console.log(`* token refused (${reason}); getting a new one`);
+    tokenRenewed = true;
+    try {
+      token = await devToken(user);
+    } catch (error) {
+      giveUp(`${(error as Error).message}; giving up`);
+    }
+    return connect();
+  }
+  if (code === CloseCode.INVALID_SEQ) sessionId = undefined; // our seq is not the session's: start over
+  reconnectLater(`disconnected (${code} ${reason})`);
+}
+
+/** Connects and, once HELLO arrives, RESUMEs or IDENTIFYs; a failure is retried with backoff. */
+async function connect(): Promise<void> {
+  let gateway: GatewayClient;
+  try {
+    gateway = await GatewayClient.connect(base);
+  } catch (error) {
+    return reconnectLater(`could not connect (${(error as Error).message})`);
+  }
+  client = gateway;
+  handled = 0;
+  gateway.socket.on("message", () => handle(gateway));
+  gateway.socket.on("close", (code: number, reason: Buffer) => void onClose(code, reason.toString()));
+  handle(gateway); // HELLO may have come with the upgrade, before these listeners
+}
+
+function reconnectLater(why: string): void {
+  console.log(`* ${why}; ${sessionId ? "resuming" : "reconnecting"} in ${retryMs / 1000} s…`);
+  setTimeout(() => void connect(), retryMs);
+  retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
+}
+
+await connect();
 
 createInterface({ input: process.stdin }).on("line", async (line) => {
   const text = line.trim();
@@ -97,7 +164,10 @@ createInterface({ input: process.stdin }).on("line", async (line) => {
     current = text.slice(7).trim();
     return console.log(`* typing goes to ${current}`);
   }
-  if (text === "/quit") return void client.close(1000);
+  if (text === "/quit") {
+    if (!client || client.closed) process.exit(0); // between connections
+    return void client.close(CloseCode.NORMAL); // ends the session; its close exits
+  }
   if (!current) return console.log("* no guild to post to: start with --join GUILD");
   const response = await fetch(`${base}/api/guilds/${current}/messages`, {
     method: "POST",

@@ -56,8 +56,8 @@ function ownerOptions<Stub>(owner: FanoutOwner<Stub>): Omit<FanoutOptions<Stub>,
 
 export interface SessionFanoutOwner extends FanoutOwner<SessionStub> {
   env: Env;
-  /** A session that kept failing is dropped: the owner forgets it. */
-  drop(recipient: Recipient<SessionStub>, error: unknown): void;
+  /** A session that kept failing, or `ended` (it said so), is dropped: the owner forgets it. */
+  drop(recipient: Recipient<SessionStub>, ended: boolean): void;
   guildId(): string;
   onSent?(durationMs: number): void;
 }
@@ -73,7 +73,11 @@ export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<S
   const { env, ctx, telemetry } = owner;
   return {
     ...ownerOptions(owner),
-    drop: owner.drop,
+    drop: (recipient, error) => {
+      const ended = error instanceof RecipientGone;
+      if (!ended) console.warn(`guild ${owner.guildId()}: dropping unreachable session ${recipient.id}:`, error);
+      owner.drop(recipient, ended);
+    },
     send: (recipient, events: Incoming<GuildEvent>[]) => {
       recipient.stub ??= env.SESSION.get(env.SESSION.idFromString(recipient.target));
       const started = Date.now();

@@ -40,7 +40,7 @@ export interface FanoutOptions<Stub> {
    * average, are queued or in flight. Unset: no bound.
    */
   maxBacklog?: number;
-  /** Attempts per batch before the recipient is dropped. */
+  /** Attempts per batch before the recipient is dropped (if `drop` is set). */
   maxAttempts?: number;
   /** Backoff before retry n (1-based), in ms. */
   retryDelayMs?: (attempt: number) => number;
@@ -55,7 +55,8 @@ export interface FanoutOptions<Stub> {
  * Delivers a guild's events to its recipients: in order per recipient, never two RPCs to the
  * same recipient at once, and whatever queues up meanwhile goes in the next RPC (coalescing),
  * so a burst of messages costs one RPC per session rather than one per message. A failing
- * recipient is retried with backoff and then dropped without holding up anyone else.
+ * recipient is retried with backoff, without holding up anyone else, and then dropped — unless
+ * the owner never drops (relays).
  */
 export class Fanout<Stub> {
   private readonly recipients = new Map<string, Recipient<Stub>>();

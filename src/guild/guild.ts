@@ -5,7 +5,7 @@ import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type HandleOptions, type Incoming, handle, normalize } from "../transport/index.ts";
 import { type DeliveryConfig, type RelayStub, type SessionStub, deliveryConfig, relayFanoutOptions, sessionFanoutOptions } from "./delivery.ts";
 import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
-import { Fanout, RecipientGone } from "./fanout.ts";
+import { Fanout } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
 import type { RelayAssignment, Released } from "./relay.ts";
 import { Timings } from "./timings.ts";
@@ -58,7 +58,7 @@ export class Guild extends DurableObject<Env> {
   /** Delivery to relays, each serving the sessions `relayOf` maps to it. */
   private readonly relays: Fanout<RelayStub>;
   private relayCount: number;
-  /** After a restart in relay mode, relays are resynchronised before the next event. */
+  /** After a restart in relay mode, or a failed assignment, relays are resynchronised before the next event. */
   private relaysSynced = false;
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -86,11 +86,7 @@ export class Guild extends DurableObject<Env> {
         config: this.config,
         telemetry: this.telemetry,
         guildId: () => this.guildId!,
-        drop: (recipient, error) => {
-          const ended = error instanceof RecipientGone;
-          if (!ended) console.warn(`guild ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
-          void this.dropSession(recipient.id, recipient.target, ended);
-        },
+        drop: (recipient, ended) => void this.dropSession(recipient.id, recipient.target, ended),
         onSent: (ms) => this.timings.record("fanout_rpc", ms),
       }),
     );
@@ -341,13 +337,8 @@ export class Guild extends DurableObject<Env> {
       return subscriber ? { sessionId, ...subscriber, backlog } : null;
     };
     for (const sessionId of this.subscribers.keys()) shares[this.relayOf(sessionId)]!.push(assignment(sessionId, queued.get(sessionId) ?? [])!);
-    let released: Released[];
-    try {
-      released = (await Promise.all(shares.map((share, i) => this.assign(i, share, [], true)))).flat();
-    } catch (error) {
-      this.relaysSynced = false; // try again before the next event
-      throw error;
-    }
+    // A failed assignment marks relays for another sync before the next event.
+    const released = (await Promise.all(shares.map((share, i) => this.assign(i, share, [], true)))).flat();
     const moved = released.map((r) => assignment(r.sessionId, r.backlog)).filter((a) => a !== null && a.backlog.length > 0);
     await Promise.all(moved.map((a) => this.assign(this.relayOf(a!.sessionId), [a!], [])));
   }

@@ -5,7 +5,7 @@ import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type Incoming, contextFromCarrier, normalize } from "../transport/index.ts";
 import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOptions } from "./delivery.ts";
 import type { GuildEvent, Subscription } from "./events.ts";
-import { Fanout, RecipientGone } from "./fanout.ts";
+import { Fanout } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
 
 /** A session moved onto a relay, with the events the guild had queued for it but not sent. */
@@ -49,10 +49,8 @@ export class Relay extends DurableObject<Env> {
         config: this.config,
         telemetry: this.telemetry,
         guildId: () => this.guildId,
-        drop: (recipient, error) => {
+        drop: (recipient, ended) => {
           this.sql.exec("DELETE FROM members WHERE session_id = ?", recipient.id);
-          const ended = error instanceof RecipientGone;
-          if (!ended) console.warn(`relay for ${this.guildId}: dropping unreachable session ${recipient.id}:`, error);
           // The guild forgets it too, and tells it if it may still be alive.
           this.ctx.waitUntil(this.guild().dropSession(recipient.id, recipient.target, ended).catch(() => undefined));
         },

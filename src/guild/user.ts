@@ -50,15 +50,12 @@ export class User extends DurableObject<Env> {
     const sessions = this.sql.exec<{ session_id: string; target: string }>("SELECT session_id, target FROM sessions").toArray();
     await Promise.all(
       sessions.map(async ({ session_id, target }) => {
-        try {
-          const { gone } = await notify(this.env.SESSION.get(this.env.SESSION.idFromString(target)));
-          // It ended without detaching (its detach failed): forget it.
-          if (gone) this.sql.exec("DELETE FROM sessions WHERE session_id = ? AND target = ?", session_id, target);
-        } catch (error) {
-          // A session that cannot be reached has ended without detaching; forget it.
-          console.warn(`user directory: session ${session_id} unreachable, forgetting it:`, error);
-          this.sql.exec("DELETE FROM sessions WHERE session_id = ? AND target = ?", session_id, target);
-        }
+        // A session that answers it has ended, or cannot be reached, ended without detaching: forget it.
+        const gone = await notify(this.env.SESSION.get(this.env.SESSION.idFromString(target))).then(
+          (answer) => answer.gone === true,
+          (error: unknown) => (console.warn(`user directory: session ${session_id} unreachable, forgetting it:`, error), true),
+        );
+        if (gone) this.sql.exec("DELETE FROM sessions WHERE session_id = ? AND target = ?", session_id, target);
       }),
     );
   }

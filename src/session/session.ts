@@ -90,7 +90,10 @@ export class Session extends DurableObject<Env> {
   private readonly sql: SqlStorage;
   private readonly buffer: ResumeBuffer;
   private state: State;
-  /** Work that dispatches runs one task at a time, so dispatch order is the order of arrival. */
+  /**
+   * Work that dispatches, hands the session over or ends it runs one task at a time, so dispatch
+   * order is the order of arrival and a session ends only between tasks.
+   */
   private serial: Promise<unknown> = Promise.resolve();
   private frameWindowStart = 0;
   private framesInWindow = 0;
@@ -164,7 +167,9 @@ export class Session extends DurableObject<Env> {
           this.handshaking = false;
           const code = this.closedWhileHandshaking;
           this.closedWhileHandshaking = undefined;
-          if (code !== undefined) await this.disconnected(code);
+          // A client that closed during IDENTIFY never saw READY (it is the last thing sent), so
+          // has no session id to resume with: whatever the code, the session ends.
+          if (code !== undefined) await this.disconnected(frame.op === Op.IDENTIFY ? CloseCode.NORMAL : code);
         }
       }
     }
@@ -258,7 +263,8 @@ export class Session extends DurableObject<Env> {
         this.buffer.restore(frames);
         this.setState({ status: "ready", sessionId: request.session_id, userId, s });
         for (const { guildId, lastSeq } of guilds) this.setGuildSeq(guildId, lastSeq);
-        for (const { frame } of frames) ws.send(frame);
+        // Already in the buffer: if the client dropped meanwhile, its next RESUME gets them.
+        if (ws.readyState === WebSocket.READY_STATE_OPEN) for (const { frame } of frames) ws.send(frame);
         const memberOf = new Set(await this.user(userId).attachSession(request.session_id, this.selfId));
         // Each guild re-targets its deliveries here and replays what came after `lastSeq`.
         const kept = new Set(await this.subscribeAll(guilds.filter(({ guildId }) => memberOf.has(guildId))));
@@ -298,7 +304,7 @@ export class Session extends DurableObject<Env> {
       if (request.seq < s && (oldest === null || oldest > request.seq + 1)) return { kind: "unknown" };
       const handOff: HandOff = { kind: "ok", userId, s, guilds: this.guildSeqs(), frames: this.buffer.framesAfter(request.seq) };
       const ws = this.socket();
-      if (ws) ws.close(CloseCode.UNKNOWN_ERROR, "session resumed on another connection");
+      if (ws) closeSocket(ws, CloseCode.UNKNOWN_ERROR, "session resumed on another connection");
       if (sessionId === this.selfId) {
         // Where the session started: keep a pointer so later resumes find it.
         this.buffer.clear();
@@ -370,20 +376,23 @@ export class Session extends DurableObject<Env> {
 
   /** The user joined a guild. Answers `gone` if the session has ended, so the user directory forgets it. */
   async guildAdded(guildId: string): Promise<{ gone?: true }> {
-    return this.enqueue(async () => {
-      if (!HOLDING.has(this.state.status)) return this.gone ? { gone: true } : {};
-      if (this.guildSeq(guildId) !== undefined) return {};
+    return this.whileHolding(async () => {
+      if (this.guildSeq(guildId) !== undefined) return;
       const subscribed = await this.subscribeAll([{ guildId }]);
       if (subscribed.length > 0) this.dispatch("GUILD_CREATE", { id: guildId });
-      return {};
     });
   }
 
   /** The user left a guild. Answers `gone` if the session has ended, as `guildAdded` does. */
   async guildRemoved(guildId: string): Promise<{ gone?: true }> {
-    return this.enqueue(() => {
+    return this.whileHolding(() => this.leaveGuild(guildId));
+  }
+
+  /** Runs `task` in the queue if the session is held here; answers `gone` if it has ended. */
+  private whileHolding(task: () => void | Promise<void>): Promise<{ gone?: true }> {
+    return this.enqueue(async () => {
       if (!HOLDING.has(this.state.status)) return this.gone ? { gone: true } : {};
-      this.leaveGuild(guildId);
+      await task();
       return {};
     });
   }
@@ -491,8 +500,9 @@ export class Session extends DurableObject<Env> {
     if (ws) for (const { frame } of frames) ws.send(frame);
   }
 
+  /** A frame outside the resume buffer (HELLO, ACK, op 9), to a socket that is still open. */
   private send(ws: WebSocket, frame: ServerFrame): void {
-    ws.send(JSON.stringify(frame));
+    if (ws.readyState === WebSocket.READY_STATE_OPEN) ws.send(JSON.stringify(frame));
   }
 
   private close(ws: WebSocket, code: CloseCode, reason: string): Promise<void> {

@@ -1,5 +1,5 @@
 /** A WebSocket client inside workerd (SELF.fetch upgrade), recording every frame it receives. */
-import { SELF, env } from "cloudflare:test";
+import { SELF, env, runInDurableObject } from "cloudflare:test";
 import { signToken } from "../../src/api/auth.ts";
 
 export interface Frame {
@@ -85,3 +85,34 @@ export class TestClient {
       .map((m) => m.seq);
   }
 }
+
+/** Polls `check` until it gives something truthy, and returns that; fails naming `what` after `timeoutMs`. */
+export async function eventually<T>(check: () => T | Promise<T>, what: string, timeoutMs = 5000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await scheduler.wait(10);
+  }
+}
+
+/**
+ * Replaces an RPC method on the prototype that every object of the stub's class in this isolate
+ * shares (RPC finds methods there, not on the instance); returns what puts the original back.
+ */
+export async function patchMethod<T extends object>(
+  stub: DurableObjectStub,
+  method: string,
+  replacement: (self: T, original: (...args: unknown[]) => unknown, args: unknown[]) => unknown,
+): Promise<() => void> {
+  const proto = await runInDurableObject(stub, (instance: object) => Object.getPrototypeOf(instance) as Record<string, (...args: unknown[]) => unknown>);
+  const original = proto[method]!;
+  proto[method] = function (this: T, ...args: unknown[]) {
+    return replacement(this, original.bind(this), args);
+  };
+  return () => {
+    proto[method] = original;
+  };
+}
+

@@ -1,7 +1,7 @@
-import { SELF, env, evictDurableObject, runInDurableObject } from "cloudflare:test";
+import { SELF, env, evictDurableObject } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
-import { TestClient, addMember, post, token } from "./gateway-client.ts";
+import { TestClient, addMember, patchMethod, post, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
 
 const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
@@ -93,18 +93,12 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
 });
 
 describe("relays that fail or are slow", () => {
-  /** Makes one relay object's `publish` behave differently until `restore` (every relay in this isolate shares the prototype). */
-  async function patchPublish(relayName: string, replacement: (original: (...args: unknown[]) => Promise<unknown>, args: unknown[]) => Promise<unknown>) {
-    const stub = env.RELAY.get(env.RELAY.idFromName(relayName));
+  /** Makes one relay object's `publish` behave differently until the returned function is called. */
+  function patchPublish(relayName: string, replacement: (original: (...args: unknown[]) => unknown, args: unknown[]) => unknown) {
     const target = env.RELAY.idFromName(relayName).toString();
-    const proto = await runInDurableObject(stub, (relay: object) => Object.getPrototypeOf(relay) as { publish: (...args: unknown[]) => Promise<unknown> });
-    const original = proto.publish;
-    proto.publish = function (this: { ctx: DurableObjectState }, ...args: unknown[]) {
-      return this.ctx.id.toString() === target ? replacement(original.bind(this), args) : original.apply(this, args);
-    };
-    return () => {
-      proto.publish = original;
-    };
+    return patchMethod<{ ctx: DurableObjectState }>(env.RELAY.get(env.RELAY.idFromName(relayName)), "publish", (self, original, args) =>
+      self.ctx.id.toString() === target ? replacement(original, args) : original(...args),
+    );
   }
 
   it("a relay that fails for a while is retried, not dropped: its sessions get every event once it is back", async () => {

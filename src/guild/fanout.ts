@@ -108,34 +108,44 @@ export class Fanout<Stub> {
     return new Promise((resolve) => this.admissions.push(resolve));
   }
 
-  private overBacklog(): boolean {
+  /** Over the bound, counting `reserved` events not yet published (see `admitWaiting`). */
+  private overBacklog(reserved = 0): boolean {
     const { maxBacklog, strategy } = this.options;
-    return maxBacklog !== undefined && strategy !== "naive" && this.outstanding > maxBacklog * Math.max(1, this.recipients.size);
+    return maxBacklog !== undefined && strategy !== "naive" && this.outstanding + reserved > maxBacklog * Math.max(1, this.recipients.size);
   }
 
   /** `count` events are no longer outstanding (delivered, or abandoned with their recipient). */
   private settle(count: number): void {
     this.outstanding -= count;
-    this.admitNext();
+    this.admitWaiting();
   }
 
-  private admissionScheduled = false;
+  /** Room taken by callers admitted this turn, who publish in their continuations. */
+  private reserved = 0;
 
   /**
-   * Admits the first waiter if there is room. Only one at a time: the backlog grows when the
-   * admitted caller publishes, in its continuation, so the next is looked at after that (a
-   * macrotask later), or a single settle would admit every waiter past the bound.
+   * Admits as many waiters as fit, together, so their messages share the next RPC to each
+   * recipient. Each reserves one event per recipient — what its publish adds — until the next
+   * turn, by when it has published (or given up): without that, one settle would admit every
+   * waiter past the bound.
    */
-  private admitNext(): void {
-    if (this.admissionScheduled || this.admissions.length === 0 || this.overBacklog()) return;
-    this.admissions.shift()!();
-    if (this.admissions.length === 0) return;
-    this.admissionScheduled = true;
-    setTimeout(() => {
-      this.admissionScheduled = false;
-      this.admitNext();
+  private admitWaiting(): void {
+    const perMessage = Math.max(1, this.recipients.size);
+    let admitted = false;
+    while (this.admissions.length > 0 && !this.overBacklog(this.reserved)) {
+      this.admissions.shift()!();
+      this.reserved += perMessage;
+      admitted = true;
+    }
+    if (!admitted || this.reservationEnds) return;
+    this.reservationEnds = setTimeout(() => {
+      this.reservationEnds = undefined;
+      this.reserved = 0;
+      this.admitWaiting();
     }, 0);
   }
+
+  private reservationEnds: ReturnType<typeof setTimeout> | undefined;
 
   /** Adds or replaces a recipient. A replaced one's queue and in-flight RPC are abandoned. */
   add(id: string, userId: string, target: string, backlog: Incoming<GuildEvent>[] = []): Recipient<Stub> {

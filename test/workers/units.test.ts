@@ -287,7 +287,7 @@ describe("Fanout", () => {
     expect(h.sent.filter((s) => s.sessionId === "b").flatMap((s) => s.seqs)).toEqual([4]);
   });
 
-  it("admits waiters one at a time, each after the one before has published, so the bound holds", async () => {
+  it("admits together only as many waiters as fit, so the bound holds", async () => {
     const pending: (() => void)[] = [];
     const fanout = new Fanout<unknown>({ maxInFlight: 10, maxBacklog: 2, send: () => new Promise<void>((resolve) => pending.push(resolve)), drop: () => {} });
     fanout.add("s1", "u1", "t1");
@@ -307,6 +307,28 @@ describe("Fanout", () => {
     }
     await Promise.all(posters);
     expect(mostOutstanding).toBeLessThanOrEqual(3); // the bound (2) plus the one admitted message
+  });
+
+  it("admits every waiter that fits at once, so their messages share the next RPC", async () => {
+    const batches: number[] = [];
+    const pending: (() => void)[] = [];
+    const fanout = new Fanout<unknown>({
+      maxInFlight: 10,
+      maxBacklog: 10,
+      send: (_recipient, events) => (batches.push(events.length), new Promise<void>((resolve) => pending.push(resolve))),
+      drop: () => {},
+    });
+    fanout.add("s1", "u1", "t1");
+    for (let seq = 1; seq <= 11; seq++) fanout.publish(() => event(seq)); // 11 > 10: over the bound
+    const posters = [12, 13, 14, 15, 16].map(async (seq) => {
+      await fanout.admit();
+      fanout.publish(() => event(seq));
+    });
+    await new Promise((resolve) => setTimeout(resolve, 1)); // events 1–11 go out in one RPC
+    pending.shift()!(); // it settles: all five fit
+    await Promise.all(posters);
+    await new Promise((resolve) => setTimeout(resolve, 1));
+    expect(batches).toEqual([11, 5]);
   });
 
   it("keeps its list of recipients waiting for a slot bounded while it stays saturated", async () => {

@@ -104,14 +104,17 @@ export class Fanout<Stub> {
    * senders instead of queueing without bound (the naive baseline has no bound).
    */
   admit(): Promise<void> | undefined {
-    if (this.admissions.length === 0 && !this.overBacklog()) return undefined;
+    if (this.admissions.length === 0 && !this.overBacklog(1)) return undefined;
     return new Promise((resolve) => this.admissions.push(resolve));
   }
 
-  /** Over the bound, counting `reserved` events not yet published (see `admitWaiting`). */
-  private overBacklog(reserved = 0): boolean {
+  /**
+   * More than `factor` × `maxBacklog` events per recipient queued or in flight, counting
+   * `reserved` ones not yet published (see `admitWaiting`).
+   */
+  private overBacklog(factor: number, reserved = 0): boolean {
     const { maxBacklog, strategy } = this.options;
-    return maxBacklog !== undefined && strategy !== "naive" && this.outstanding + reserved > maxBacklog * Math.max(1, this.recipients.size);
+    return maxBacklog !== undefined && strategy !== "naive" && this.outstanding + reserved > factor * maxBacklog * Math.max(1, this.recipients.size);
   }
 
   /** `count` events are no longer outstanding (delivered, or abandoned with their recipient). */
@@ -124,20 +127,21 @@ export class Fanout<Stub> {
   private reserved = 0;
 
   /**
-   * Admits as many waiters as fit, together, so their messages share the next RPC to each
-   * recipient. Each reserves one event per recipient — what its publish adds — until the next
-   * turn, by when it has published (or given up): without that, one settle would admit every
-   * waiter past the bound.
+   * Once the backlog is back under the bound, admits waiters together — up to twice the bound —
+   * so their messages share the next RPC to each recipient: a burst, not a trickle of one
+   * message per freed slot (which cost `always` mode ~8% of its throughput in more, smaller
+   * RPCs). Each admitted caller reserves one event per recipient, what its publish adds, until
+   * the next turn, by when it has published (or given up); without that, one settle would admit
+   * every waiter, however many.
    */
   private admitWaiting(): void {
+    if (this.admissions.length === 0 || this.reserved > 0 || this.overBacklog(1)) return;
     const perMessage = Math.max(1, this.recipients.size);
-    let admitted = false;
-    while (this.admissions.length > 0 && !this.overBacklog(this.reserved)) {
+    while (this.admissions.length > 0 && !this.overBacklog(2, this.reserved + perMessage)) {
       this.admissions.shift()!();
       this.reserved += perMessage;
-      admitted = true;
     }
-    if (!admitted || this.reservationEnds) return;
+    if (this.reserved === 0 || this.reservationEnds) return;
     this.reservationEnds = setTimeout(() => {
       this.reservationEnds = undefined;
       this.reserved = 0;

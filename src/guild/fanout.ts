@@ -128,11 +128,10 @@ export class Fanout<Stub> {
 
   /**
    * Once the backlog is back under the bound, admits waiters together — up to twice the bound —
-   * so their messages share the next RPC to each recipient: a burst, not a trickle of one
-   * message per freed slot (which cost `always` mode ~8% of its throughput in more, smaller
-   * RPCs). Each admitted caller reserves one event per recipient, what its publish adds, until
-   * the next turn, by when it has published (or given up); without that, one settle would admit
-   * every waiter, however many.
+   * so their messages share the next RPC to each recipient: a burst, not a trickle of a message
+   * or two per freed slot (more, smaller RPCs). Each admitted caller reserves one event per
+   * recipient, what its publish adds, until the next turn, by when it has published (or given
+   * up); without that, one settle would admit every waiter, however many.
    */
   private admitWaiting(): void {
     if (this.admissions.length === 0 || this.reserved > 0 || this.overBacklog(1)) return;

@@ -4,7 +4,7 @@ import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
 import type { GuildEvent } from "../../src/guild/events.ts";
 import { fanoutSampleRate, keepSampled, wrap } from "../../src/transport/index.ts";
-import { TestClient, addMember, token } from "./gateway-client.ts";
+import { TestClient, addMember, patchMethod, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
 
 const service = (span: ReadableSpan) => span.resource.attributes["service.name"];
@@ -176,13 +176,10 @@ describe("a sampled event in a delivery", () => {
     const session = env.SESSION.get(env.SESSION.idFromString(ids[0]!));
     const event = (seq: number): GuildEvent => ({ type: "MESSAGE_CREATE", seq, data: JSON.stringify({ id: `m${seq}`, guild_id: guildId, author_id: "someone", content: "hi", seq, timestamp: new Date().toISOString() }) });
     const carrier = { traceparent: traceparent(randomTraceId(), true) };
-    // The guild's log becomes unreachable: its method throws (on the prototype, as RPC sees only
-    // those; put back below, as every guild in this isolate shares it).
-    const guildClass = await runInDurableObject(env.GUILD.get(env.GUILD.idFromName(guildId)), (guild: object) => Object.getPrototypeOf(guild) as { eventsAfter: unknown });
-    const eventsAfter = guildClass.eventsAfter;
-    guildClass.eventsAfter = async () => {
+    // The guild's log becomes unreachable (put back below: every guild in this isolate shares the method).
+    const restore = await patchMethod(env.GUILD.get(env.GUILD.idFromName(guildId)), "eventsAfter", async () => {
       throw new Error("guild log unreachable");
-    };
+    });
     try {
       // Event 1 goes out fine; event 3 needs event 2 from the guild, which fails the delivery.
       const failed = await session.deliver({ guildId, events: [wrap(event(1), { carrier }), wrap(event(3), { carrier })], returnSpans: true }).then(
@@ -191,7 +188,7 @@ describe("a sampled event in a delivery", () => {
       );
       expect(failed).toMatch(/guild log unreachable/);
     } finally {
-      guildClass.eventsAfter = eventsAfter;
+      restore();
     }
     // Both spans failed (event 1's too: its frame was not stored or sent); the next delivery hands them back.
     const next = await session.deliver({ guildId, events: [event(2)], returnSpans: true });

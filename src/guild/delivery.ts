@@ -75,7 +75,7 @@ export function sessionFanoutOptions(owner: SessionFanoutOwner): FanoutOptions<S
     ...ownerOptions(owner),
     drop: (recipient, error) => {
       const ended = error instanceof RecipientGone;
-      if (!ended) console.warn(`guild ${owner.guildId()}: dropping unreachable session ${recipient.id}:`, error);
+      if (!ended) console.warn(`fanout of guild ${owner.guildId()}: dropping unreachable session ${recipient.id}:`, error);
       owner.drop(recipient, ended);
     },
     send: (recipient, events: Incoming<GuildEvent>[]) => {

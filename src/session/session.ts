@@ -328,7 +328,7 @@ export class Session extends DurableObject<Env> {
     const gone = await this.enqueue(async () => {
       if (!HOLDING.has(this.state.status)) return this.gone;
       let lastSeq = this.guildSeq(delivery.guildId);
-      if (lastSeq === undefined) return false; // GUILD_DELETE sent already; the guild is told apart
+      if (lastSeq === undefined) return false; // left the guild: a late delivery, the guild has stopped its own
       // A sampled event's span ends with the whole delivery — stored and sent, or failed — so
       // tracing adds no write of its own: the batch is one row whether or not events are sampled.
       let delivered: Outcome | undefined;

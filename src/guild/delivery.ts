@@ -41,16 +41,21 @@ interface FanoutOwner<Stub> {
   config: DeliveryConfig;
   /** Exports the owner's spans, and those its callees hand back, once the fanout is idle. */
   telemetry: Telemetry;
+  /** The fanout has nothing in flight (events may still wait out a retry's backoff). */
+  idle?(): void;
 }
 
-/** Bounds from the config; spans waiting for the fanout go out when it has nothing in flight. */
+/** Bounds from the config; spans waiting for the fanout go out when it has nothing in flight, and the owner hears of it. */
 function ownerOptions<Stub>(owner: FanoutOwner<Stub>): Omit<FanoutOptions<Stub>, "send"> {
   const { ctx, config, telemetry } = owner;
   return {
     maxInFlight: config.maxInFlight,
     maxBacklog: config.maxBacklog,
     strategy: config.strategy,
-    idle: () => telemetry.exportPending(ctx),
+    idle: () => {
+      telemetry.exportPending(ctx);
+      owner.idle?.();
+    },
   };
 }
 

@@ -97,6 +97,11 @@ export class Fanout<Stub> {
     return this.inFlight > 0 || this.pumpScheduled || this.readyHead < this.ready.length;
   }
 
+  /** Nothing queued or in flight: every event published was handed over, or abandoned with its recipient. */
+  get drained(): boolean {
+    return this.outstanding === 0;
+  }
+
   /**
    * Resolves once the backlog is under `maxBacklog` events per recipient and every earlier
    * caller has been admitted; `undefined` when that is already so (nothing to await). The

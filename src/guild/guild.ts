@@ -3,6 +3,7 @@ import type { Env } from "../env.ts";
 import type { Message } from "../gateway/protocol.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type HandleOptions, type Incoming, handle, normalize } from "../transport/index.ts";
+import { FanoutCheckpoint, type OldestPending, oldestPending } from "./checkpoint.ts";
 import { type DeliveryConfig, type RelayStub, type SessionStub, deliveryConfig, relayFanoutOptions, sessionFanoutOptions } from "./delivery.ts";
 import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
 import { Fanout } from "./fanout.ts";
@@ -60,6 +61,10 @@ export class Guild extends DurableObject<Env> {
   private relayCount: number;
   /** After a restart in relay mode, or a failed assignment, relays are resynchronised before the next event. */
   private relaysSynced = false;
+  /** While sessions move onto relays, their backlogs travel in the assignments. */
+  private movingSessions = false;
+  /** How far the fanout got, so a restart resends what was only queued in memory. */
+  private readonly checkpoint: FanoutCheckpoint;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -79,6 +84,7 @@ export class Guild extends DurableObject<Env> {
     this.guildId = this.meta("guild_id");
     this.relayCount = Number(this.meta("relay_count") ?? 0);
     this.lastSeq = this.sql.exec<{ seq: number | null }>("SELECT MAX(seq) AS seq FROM messages").one().seq ?? 0;
+    this.checkpoint = new FanoutCheckpoint(this.sql, ctx.storage);
     this.sessions = new Fanout<SessionStub>(
       sessionFanoutOptions({
         env,
@@ -88,6 +94,7 @@ export class Guild extends DurableObject<Env> {
         guildId: () => this.guildId!,
         drop: (recipient, ended) => void this.dropSession(recipient.id, recipient.target, ended),
         onSent: (ms) => this.timings.record("fanout_rpc", ms),
+        idle: () => this.checkpoint.progress(this.oldestPending()),
       }),
     );
     this.relays = new Fanout<RelayStub>(
@@ -96,10 +103,12 @@ export class Guild extends DurableObject<Env> {
         ctx,
         config: this.config,
         telemetry: this.telemetry,
+        idle: () => this.checkpoint.progress(this.oldestPending()),
       }),
     );
-    // Subscriptions outlive eviction. What was queued in memory is not replayed: a session that
-    // sees a gap in `seq` pulls the missing events itself (`eventsAfter`).
+    // Subscriptions outlive eviction. What was queued in memory is resent (the checkpoint's
+    // alarm, or the next message, recovers it); a session that sees a gap in `seq` also pulls
+    // the missing events itself (`eventsAfter`).
     for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM subscriptions")) {
       this.subscribers.set(row.session_id, { userId: row.user_id, target: row.target });
       if (this.relayCount === 0) this.sessions.add(row.session_id, row.user_id, row.target);
@@ -136,6 +145,8 @@ export class Guild extends DurableObject<Env> {
     // After a restart in relay mode, relays learn their sessions before the next event (awaited:
     // no event may reach a relay before it knows its sessions).
     if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
+    // After a restart, what the last instance had not handed over goes out before anything new.
+    await this.checkpoint.recover(this.resend);
     // A guild whose fanout has fallen behind makes posters wait rather than queue without bound.
     await (this.relayCount > 0 ? this.relays : this.sessions).admit();
     let naiveSends: Promise<void> | undefined;
@@ -164,6 +175,7 @@ export class Guild extends DurableObject<Env> {
           message.timestamp,
         );
         this.lastSeq = message.seq;
+        this.checkpoint.accept(message.seq);
         naiveSends = this.publish(messageCreateEvent(message));
         return ok(message);
       }),
@@ -245,6 +257,33 @@ export class Guild extends DurableObject<Env> {
     }
   }
 
+  /** Events after `after` (at most `limit`), for a relay resending what its restart lost. */
+  async eventsForRelay(after: number, limit: number): Promise<GuildEvent[]> {
+    return this.messagesAfter(after, Math.min(limit, MAX_PULL)).map(messageCreateEvent);
+  }
+
+  /** Looks in on a fanout that stayed busy; after a restart, resends what it had not handed over. */
+  override async alarm(): Promise<void> {
+    await this.checkpoint.alarm(this.resend, () => this.oldestPending());
+  }
+
+  /** Events after `after`, through `through`, to every live session or relay (sessions drop repeats by `seq`). */
+  private readonly resend = async (after: number, through: number): Promise<void> => {
+    if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
+    const fanout: Fanout<SessionStub | RelayStub> = this.relayCount > 0 ? this.relays : this.sessions;
+    while (after < through) {
+      const messages = this.messagesAfter(after, Math.min(through - after, MAX_PULL));
+      if (messages.length === 0) return;
+      for (const message of messages) void fanout.publish(() => messageCreateEvent(message));
+      after = messages[messages.length - 1]!.seq;
+    }
+  };
+
+  /** Oldest seq not yet handed over to a session or relay. */
+  private oldestPending(): OldestPending {
+    return this.movingSessions ? null : oldestPending(this.sessions, this.relays);
+  }
+
   /** Events after `after` (at most `limit`), for a subscribed session that found a gap. */
   async eventsAfter(sessionId: string, after: number, limit: number): Promise<GuildEvent[]> {
     if (!this.subscribers.has(sessionId)) return [];
@@ -314,6 +353,7 @@ export class Guild extends DurableObject<Env> {
   private async useRelays(count: number): Promise<void> {
     const queued = new Map<string, Incoming<GuildEvent>[]>();
     for (const recipient of this.sessions.all()) queued.set(recipient.id, recipient.queue);
+    this.movingSessions = true;
     this.sessions.clear();
     const unsent = new Map<number, Incoming<GuildEvent>>();
     for (const event of this.relays.pending()) unsent.set(normalize(event).message.seq, event);
@@ -322,7 +362,11 @@ export class Guild extends DurableObject<Env> {
     this.addRelayRecipients();
     const synced = this.syncRelays(queued); // assignments go out first, on the stubs events use
     for (const seq of [...unsent.keys()].sort((a, b) => a - b)) this.relays.publish(() => unsent.get(seq)!);
-    await synced;
+    try {
+      await synced;
+    } finally {
+      this.movingSessions = false;
+    }
   }
 
   /**

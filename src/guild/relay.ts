@@ -3,6 +3,7 @@ import { context } from "@opentelemetry/api";
 import type { Env } from "../env.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type Incoming, contextFromCarrier, normalize } from "../transport/index.ts";
+import { FanoutCheckpoint, oldestPending } from "./checkpoint.ts";
 import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOptions } from "./delivery.ts";
 import type { GuildEvent, Subscription } from "./events.ts";
 import { Fanout } from "./fanout.ts";
@@ -30,6 +31,8 @@ export class Relay extends DurableObject<Env> {
   private readonly config: DeliveryConfig;
   private readonly telemetry: Telemetry;
   private readonly fanout: Fanout<SessionStub>;
+  /** How far the fanout got, so a restart resends what was only queued in memory. */
+  private readonly checkpoint: FanoutCheckpoint;
   private guildId = "";
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -42,6 +45,7 @@ export class Relay extends DurableObject<Env> {
       CREATE TABLE IF NOT EXISTS members (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, target TEXT NOT NULL);
     `);
     this.guildId = this.sql.exec<{ value: string }>("SELECT value FROM meta WHERE key = 'guild_id'").toArray()[0]?.value ?? "";
+    this.checkpoint = new FanoutCheckpoint(this.sql, ctx.storage);
     this.fanout = new Fanout<SessionStub>(
       sessionFanoutOptions({
         env,
@@ -54,6 +58,7 @@ export class Relay extends DurableObject<Env> {
           // The guild forgets it too, and tells it if it may still be alive.
           this.ctx.waitUntil(this.guild().dropSession(recipient.id, recipient.target, ended).catch(() => undefined));
         },
+        idle: () => this.checkpoint.progress(oldestPending(this.fanout)),
       }),
     );
     for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM members")) {
@@ -96,10 +101,13 @@ export class Relay extends DurableObject<Env> {
    * relay that has fallen behind first waits for room, which holds back the guild in turn.
    */
   async publish(events: Incoming<GuildEvent>[]): Promise<void> {
+    // After a restart, what the last instance had not handed over goes out before anything new.
+    await this.checkpoint.recover(this.resend);
     await this.fanout.admit();
     const naiveSends: (Promise<void> | undefined)[] = [];
     for (const incoming of events) {
       const { message: event, carrier, recipients } = normalize(incoming);
+      this.checkpoint.accept(event.seq);
       const parent = contextFromCarrier(carrier);
       if (!parent) {
         naiveSends.push(this.fanout.publish(() => event));
@@ -124,6 +132,21 @@ export class Relay extends DurableObject<Env> {
     // 1.03× this way: README, Performance.)
     this.telemetry.exportPending(this.ctx);
   }
+
+  /** Looks in on a fanout that stayed busy; after a restart, resends what it had not handed over. */
+  override async alarm(): Promise<void> {
+    await this.checkpoint.alarm(this.resend, () => oldestPending(this.fanout));
+  }
+
+  /** The guild's events after `after`, through `through`, to this relay's sessions (they drop repeats by `seq`). */
+  private readonly resend = async (after: number, through: number): Promise<void> => {
+    while (after < through) {
+      const events = await this.guild().eventsForRelay(after, through - after);
+      if (events.length === 0) return;
+      for (const event of events) if (event.seq <= through) void this.fanout.publish(() => event);
+      after = events[events.length - 1]!.seq;
+    }
+  };
 
   async sessionCount(): Promise<number> {
     return this.fanout.size;

@@ -1,4 +1,4 @@
-import { env, evictDurableObject, runInDurableObject } from "cloudflare:test";
+import { env, evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import { describe, expect, it } from "vitest";
 import type { Guild } from "../../src/guild/guild.ts";
 import type { Session } from "../../src/session/session.ts";
@@ -59,6 +59,38 @@ describe("sessions over real WebSockets in workerd", () => {
     await post("evict", "ev-user", "two");
     await client.waitFor(() => client.messageSeqs().length === 2, "second after guild eviction");
     expect(client.messageSeqs()).toEqual([1, 2]);
+  });
+
+  it("get what a guild had queued when it restarted mid-fanout, with no later message to reveal the gap", async () => {
+    await addMember("restart", "rs-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("rs-user");
+    // Hold the session's first delivery, so the second message waits in the guild's memory.
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let deliveries = 0;
+    const restoreSession = await patchMethod(sessionStub(sessionId), "deliver", async (_self, original, args) => {
+      if (deliveries++ === 0) await held;
+      return original(...args);
+    });
+    try {
+      await post("restart", "rs-user", "in flight");
+      await eventually(() => deliveries === 1, "the first delivery to be held");
+      await post("restart", "rs-user", "queued");
+      // A deploy or crash: the guild's memory is gone (eviction would wait for the held RPC).
+      await runInDurableObject(guildStub("restart"), (_guild, state) => state.abort("restart")).then(
+        () => expect.fail("abort returns"),
+        (error: unknown) => expect(String(error)).toContain("restart"),
+      );
+      release();
+      await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
+      // Nothing else is posted: the guild's alarm wakes it, and it resends what it had not handed over.
+      expect(await runDurableObjectAlarm(guildStub("restart"))).toBe(true);
+      await client.waitFor(() => client.messageSeqs().length === 2, "the queued message");
+      expect(client.messageSeqs()).toEqual([1, 2]);
+    } finally {
+      restoreSession();
+    }
   });
 
   it("fill a gap in a guild's seq by pulling the missing events, in order", async () => {

@@ -1,7 +1,7 @@
-import { SELF, env, evictDurableObject } from "cloudflare:test";
+import { SELF, env, evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
-import { TestClient, addMember, patchMethod, post, token } from "./gateway-client.ts";
+import { TestClient, addMember, eventually, patchMethod, post, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
 
 const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
@@ -122,6 +122,50 @@ describe("relays that fail or are slow", () => {
     for (const client of clients) {
       await client.waitFor(() => client.messageSeqs().length === 4, "all four messages", 8000);
       expect(client.messageSeqs()).toEqual([1, 2, 3, 4]);
+    }
+  });
+
+  it("a relay restarted mid-fanout resends what it had queued, with no later message to reveal the gap", async () => {
+    const guildId = "relay-restart";
+    const clients = [];
+    for (let i = 0; i < 5; i++) clients.push(await join(guildId, `rr-${i}`));
+    const { relays } = await guildStub(guildId).fanoutState();
+    expect(relays).toBeGreaterThan(0);
+    // Hold every session's first delivery, so the second message waits in the relays' memory.
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let holding = 0;
+    const anySession = env.SESSION.get(env.SESSION.newUniqueId()); // the method is patched on the class
+    const restoreSessions = await patchMethod(anySession, "deliver", async (_self, original, args) => {
+      const { events } = args[0] as { events: unknown[] };
+      if (JSON.stringify(events).includes("in flight")) {
+        holding++;
+        await held;
+      }
+      return original(...args);
+    });
+    try {
+      await post(guildId, "rr-0", "in flight");
+      await eventually(() => holding === clients.length, "every session's first delivery to be held");
+      await post(guildId, "rr-0", "queued");
+      const relayStub = (i: number) => env.RELAY.get(env.RELAY.idFromName(`${guildId}/relay/${i}`)); // a fresh one after an abort
+      await scheduler.wait(50); // the guild hands the second message to its relays; then they restart (a deploy, a crash)
+      for (let i = 0; i < relays; i++) {
+        await runInDurableObject(relayStub(i), (_relay, state) => state.abort("restart")).then(
+          () => expect.fail("abort returns"),
+          (error: unknown) => expect(String(error)).toContain("restart"),
+        );
+      }
+      release();
+      for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
+      // Nothing else is posted: each relay's alarm wakes it, and it resends what it had not handed over.
+      for (let i = 0; i < relays; i++) expect(await runDurableObjectAlarm(relayStub(i))).toBe(true);
+      for (const client of clients) {
+        await client.waitFor(() => client.messageSeqs().length === 2, "the queued message");
+        expect(client.messageSeqs()).toEqual([1, 2]);
+      }
+    } finally {
+      restoreSessions();
     }
   });
 

@@ -12,6 +12,7 @@ import { CloseCode } from "../../src/gateway/protocol.ts";
 import type { GuildEvent } from "../../src/guild/events.ts";
 import type { Env } from "../../src/env.ts";
 import { type RelayStub, deliveryConfig, relayFanoutOptions } from "../../src/guild/delivery.ts";
+import { FanoutCheckpoint } from "../../src/guild/checkpoint.ts";
 import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
@@ -589,6 +590,67 @@ describe("SpanRecord", () => {
     const twice = decode([revived, fromSpanRecord(structuredClone(toSpanRecord(ended[0]!)))]);
     expect(twice.resourceSpans).toHaveLength(1);
     expect(twice.resourceSpans[0].scopeSpans[0].spans).toHaveLength(2);
+  });
+});
+
+describe("FanoutCheckpoint", () => {
+  /** A fresh object's SQLite storage, and the alarms the checkpoint sets (the runtime's alarms are exercised by the gateway tests). */
+  const withCheckpoints = <R>(fn: (open: () => FanoutCheckpoint, alarms: number[]) => R | Promise<R>) =>
+    runInDurableObject(env.SESSION.get(env.SESSION.newUniqueId()), (_instance, state) => {
+      const alarms: number[] = [];
+      return fn(() => new FanoutCheckpoint(state.storage.sql, { setAlarm: async (at) => void alarms.push(Number(at)) }), alarms);
+    });
+  /** What a new instance (after a restart) resends. */
+  const resentAfterRestart = async (open: () => FanoutCheckpoint) => {
+    const ranges: [number, number][] = [];
+    await open().recover(async (after, through) => void ranges.push([after, through]));
+    return ranges;
+  };
+
+  it("after a restart resends only what had not been handed over", async () => {
+    await withCheckpoints(async (open, alarms) => {
+      const checkpoint = open();
+      for (const seq of [1, 2, 3, 4, 5]) checkpoint.accept(seq);
+      expect(alarms).toHaveLength(1); // one alarm per busy spell, not per event
+      expect(await resentAfterRestart(open)).toEqual([[0, 5]]);
+      checkpoint.progress(4); // 4 is the oldest still queued somewhere
+      expect(await resentAfterRestart(open)).toEqual([[3, 5]]);
+      checkpoint.progress(null); // cannot tell (events in transit): no progress
+      expect(await resentAfterRestart(open)).toEqual([[3, 5]]);
+      checkpoint.progress(undefined); // drained
+      expect(await resentAfterRestart(open)).toEqual([]);
+      const before = alarms.length; // (each restarted instance above set one after resending)
+      checkpoint.accept(6);
+      checkpoint.accept(7);
+      expect(alarms.length).toBe(before + 1); // a new busy spell
+      expect(await resentAfterRestart(open)).toEqual([[5, 7]]);
+    });
+  });
+
+  it("owes nothing from before it began (a guild with history, upgraded)", async () => {
+    await withCheckpoints(async (open) => {
+      open().accept(501);
+      expect(await resentAfterRestart(open)).toEqual([[500, 501]]);
+    });
+  });
+
+  it("keeps what a restart lost until a resend succeeds, and makes no progress meanwhile", async () => {
+    await withCheckpoints(async (open, alarms) => {
+      open().accept(1);
+      open().accept(2); // the first instance restarted before handing 1 over; this one is cut short too
+      const restarted = open();
+      restarted.progress(undefined); // its own fanout is idle, but what the last instance lost is still owed
+      const attempts: [number, number][] = [];
+      await restarted.recover(async (after, through) => {
+        attempts.push([after, through]);
+        throw new Error("guild unreachable");
+      }).then(() => expect.fail("resolved"), (error: unknown) => expect(String(error)).toContain("unreachable"));
+      const alarmsAfterFailure = alarms.length;
+      await restarted.recover(async (after, through) => void attempts.push([after, through]));
+      expect(attempts).toEqual([[0, 2], [0, 2]]);
+      expect(alarms.length).toBe(alarmsAfterFailure + 1); // the resent events are covered by an alarm
+      await restarted.recover(async () => expect.fail("resent twice"));
+    });
   });
 });
 

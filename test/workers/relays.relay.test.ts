@@ -13,6 +13,13 @@ async function join(guildId: string, user: string): Promise<TestClient> {
   return client;
 }
 
+/** `count` sessions of users `${prefix}-0`, `${prefix}-1`, …, joined one after another. */
+async function joinMany(guildId: string, prefix: string, count: number): Promise<TestClient[]> {
+  const clients: TestClient[] = [];
+  for (let i = 0; i < count; i++) clients.push(await join(guildId, `${prefix}-${i}`));
+  return clients;
+}
+
 beforeEach(() => recordedSpans.reset());
 
 describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
@@ -40,8 +47,7 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
 
   it("keep delivering after the guild and a relay are evicted", async () => {
     const guildId = "relay-evict";
-    const clients = [];
-    for (let i = 0; i < 5; i++) clients.push(await join(guildId, `ev-${i}`));
+    const clients = await joinMany(guildId, "ev", 5);
     expect((await guildStub(guildId).fanoutState()).relays).toBeGreaterThan(0);
     await post(guildId, "ev-0", "before");
     await evictDurableObject(guildStub(guildId));
@@ -55,8 +61,7 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
 
   it("appear in traces: guild.fanout → relay.fanout → session.deliver, with tiered sampling", async () => {
     const guildId = "relay-traced";
-    const clients = [];
-    for (let i = 0; i < 6; i++) clients.push(await join(guildId, `tr-${i}`));
+    const clients = await joinMany(guildId, "tr", 6);
     await scheduler.wait(20);
     recordedSpans.reset();
     const traceId = "5bf92f3577b34da6a3ce929d0e0e4736";
@@ -103,8 +108,7 @@ describe("relays that fail or are slow", () => {
 
   it("a relay that fails for a while is retried, not dropped: its sessions get every event once it is back", async () => {
     const guildId = "relay-outage";
-    const clients = [];
-    for (let i = 0; i < 5; i++) clients.push(await join(guildId, `out-${i}`));
+    const clients = await joinMany(guildId, "out", 5);
     const { relays } = await guildStub(guildId).fanoutState();
     expect(relays).toBeGreaterThan(1);
     await post(guildId, "out-0", "first");
@@ -127,8 +131,7 @@ describe("relays that fail or are slow", () => {
 
   it("a relay restarted mid-fanout resends what it had queued, with no later message to reveal the gap", async () => {
     const guildId = "relay-restart";
-    const clients = [];
-    for (let i = 0; i < 5; i++) clients.push(await join(guildId, `rr-${i}`));
+    const clients = await joinMany(guildId, "rr", 5);
     const { relays } = await guildStub(guildId).fanoutState();
     expect(relays).toBeGreaterThan(0);
     // Hold every session's first delivery, so the second message waits in the relays' memory.
@@ -171,8 +174,7 @@ describe("relays that fail or are slow", () => {
 
   it("when relays double, events still queued for or in flight to the old ones reach every session", async () => {
     const guildId = "relay-doubling";
-    const clients = [];
-    for (let i = 0; i < 9; i++) clients.push(await join(guildId, `dbl-${i}`));
+    const clients = await joinMany(guildId, "dbl", 9);
     expect((await guildStub(guildId).fanoutState()).relays).toBe(3);
     // One relay is slow to take events (as when its own backlog is full).
     const restore = await patchPublish(`${guildId}/relay/0`, async (original, args) => {

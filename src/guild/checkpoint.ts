@@ -1,28 +1,32 @@
-import { normalize } from "../transport/index.ts";
+import { type Incoming, normalize } from "../transport/index.ts";
+import type { GuildEvent } from "./events.ts";
 import type { Fanout } from "./fanout.ts";
 
 /** How long a fanout may stay busy before its alarm looks in on it (and, after a restart, resends). */
 export const FANOUT_CHECK_MS = 5_000;
 
-/** Resends events after `after`, through `through`, to whoever should have them now. */
-export type Resend = (after: number, through: number) => Promise<void>;
+/** Sends event `seq` again to every recipient the owner has now. */
+export type Resend = (seq: number) => Promise<void>;
 
 /**
  * The oldest seq a fanout has not handed over, `undefined` when it has handed over everything,
- * `null` when it cannot tell (events in transit elsewhere): then it makes no progress.
+ * `null` when it cannot tell (events in transit between objects): then it makes no progress.
  */
 export type OldestPending = number | undefined | null;
 
 /**
  * How far a guild's or relay's fanout got, kept durably, so that one restarted in the middle of
- * a fanout (a deploy, a crash: its queues lived in memory) resends what it had not handed over.
- * Otherwise sessions would notice the gap only when the next message came, which in a quiet
- * guild may be never. Resending too much is harmless: sessions drop repeats by `seq`.
+ * a fanout (a deploy, a crash: its queues lived in memory) makes up for what it had not handed
+ * over. Otherwise sessions would notice the gap only when the next message came, which in a
+ * quiet guild may be never.
+ *
+ * It resends only the newest event it owes: a session that lacks earlier ones sees the gap and
+ * pulls them from the guild's log (its ordering rule), and one that has it drops the repeat. So
+ * a recovery costs one event per recipient, however much was lost.
  *
  * Cheap on the hot path: `accept` writes one small row per call (a guild makes it with each
- * message it stores anyway, a relay with each event it is sent) and sets an alarm once per busy spell;
- * `progress` writes when the fanout has moved on, and the alarm looks in every
- * `FANOUT_CHECK_MS` while it stays busy.
+ * message it stores anyway, a relay once per publish) and sets an alarm when the fanout becomes
+ * busy; it is deleted when the fanout drains, and otherwise looks in every `FANOUT_CHECK_MS`.
  */
 export class FanoutCheckpoint {
   /** Newest seq accepted for fanout, and the seq through which all of them were handed over. */
@@ -30,57 +34,71 @@ export class FanoutCheckpoint {
   private handedOver = 0;
   /** An alarm is set for this busy spell. */
   private armed = false;
-  /** What a restart lost, until resent: seqs after `after`, through `through`. */
-  private lost: { after: number; through: number } | null = null;
-  private readonly fresh: boolean;
+  /** The newest event a restart lost, until it is resent. */
+  private lost: number | null = null;
+  private recovering: Promise<void> | null = null;
+  /** No record was stored when this object started: nothing from before its first event is owed. */
+  private readonly noRecordAtStart: boolean;
 
   constructor(
     private readonly sql: SqlStorage,
-    private readonly storage: Pick<DurableObjectStorage, "setAlarm">,
+    private readonly storage: Pick<DurableObjectStorage, "setAlarm" | "deleteAlarm">,
   ) {
     sql.exec("CREATE TABLE IF NOT EXISTS fanout_checkpoint (id INTEGER PRIMARY KEY CHECK (id = 0), accepted INTEGER NOT NULL, handed_over INTEGER NOT NULL)");
     const row = sql.exec<{ accepted: number; handed_over: number }>("SELECT accepted, handed_over FROM fanout_checkpoint").toArray()[0];
-    this.fresh = row === undefined;
+    this.noRecordAtStart = row === undefined;
     if (row) {
       this.accepted = row.accepted;
       this.handedOver = row.handed_over;
-      if (this.accepted > this.handedOver) this.lost = { after: this.handedOver, through: this.accepted };
+      if (this.accepted > this.handedOver) this.lost = this.accepted;
     }
   }
 
-  /** Event `seq` is queued for the fanout: if this object restarts before it is out, its alarm wakes it. */
-  accept(seq: number): void {
-    if (seq <= this.accepted) return;
-    // The first event since this record began (a new object, or one from before it): nothing earlier is owed.
-    if (this.fresh && this.accepted === 0) this.handedOver = seq - 1;
-    this.accepted = seq;
-    this.save();
+  /**
+   * Events `first`..`last` are queued for the fanout — new ones, or older ones queued again (a
+   * backlog moved here from another object): until they are out, a restart resends.
+   */
+  accept(first: number, last = first): void {
+    if (this.noRecordAtStart && this.accepted === 0) this.handedOver = first - 1;
+    let changed = false;
+    if (last > this.accepted) {
+      this.accepted = last;
+      changed = true;
+    }
+    if (first <= this.handedOver) {
+      this.handedOver = first - 1;
+      changed = true;
+    }
+    if (changed) this.save();
     this.arm();
   }
 
   /** The fanout has handed over everything before `oldest` (everything, when `undefined`). */
   progress(oldest: OldestPending): void {
-    if (this.lost || oldest === null) return; // what a restart lost is owed until resent
-    if (oldest === undefined) this.armed = false;
+    if (this.lost !== null || oldest === null) return; // what a restart lost is owed until resent
     const through = oldest === undefined ? this.accepted : Math.min(this.accepted, oldest - 1);
-    if (through <= this.handedOver) return;
-    this.handedOver = through;
-    this.save();
+    if (through > this.handedOver) {
+      this.handedOver = through;
+      this.save();
+    }
+    if (oldest === undefined) this.disarm();
   }
 
   /**
-   * After a restart, resends what the previous instance had not handed over, once. Callers
-   * await this before publishing anything new, so the resent events go first.
+   * After a restart, resends what the previous instance owed; callers await this before
+   * publishing anything new, so the resent event goes first. Concurrent callers share one
+   * resend; a failed one is tried again on the next call or alarm.
    */
-  async recover(resend: Resend): Promise<void> {
-    const lost = this.lost;
-    if (!lost) return;
-    this.lost = null;
+  recover(resend: Resend): Promise<void> | undefined {
+    if (this.lost === null) return undefined;
+    return (this.recovering ??= this.resendLost(resend).finally(() => (this.recovering = null)));
+  }
+
+  private async resendLost(resend: Resend): Promise<void> {
+    const lost = this.lost!;
     try {
-      await resend(lost.after, lost.through);
-    } catch (error) {
-      this.lost = lost; // tried again on the next call, or by the alarm
-      throw error;
+      await resend(lost);
+      this.lost = null; // queued now: the fanout's own progress covers it
     } finally {
       this.arm(true);
     }
@@ -89,7 +107,12 @@ export class FanoutCheckpoint {
   /** The alarm: resend what a restart lost; while the fanout is still busy, look in again later. */
   async alarm(resend: Resend, oldestPending: () => OldestPending): Promise<void> {
     this.armed = false;
-    await this.recover(resend);
+    try {
+      await this.recover(resend);
+    } catch (error) {
+      console.error("fanout checkpoint: resending after a restart failed; trying again later:", error);
+      return; // re-armed by the failed attempt
+    }
     const oldest = oldestPending();
     this.progress(oldest);
     if (oldest !== undefined) this.arm();
@@ -98,7 +121,14 @@ export class FanoutCheckpoint {
   private arm(again = false): void {
     if (this.armed && !again) return;
     this.armed = true;
-    void this.storage.setAlarm(Date.now() + FANOUT_CHECK_MS);
+    this.storage.setAlarm(Date.now() + FANOUT_CHECK_MS).catch((error: unknown) => console.error("fanout checkpoint: setting the alarm failed:", error));
+  }
+
+  /** Drained: no alarm needed until the fanout is busy again (a quiet spell wakes nothing). */
+  private disarm(): void {
+    if (!this.armed) return;
+    this.armed = false;
+    this.storage.deleteAlarm().catch((error: unknown) => console.error("fanout checkpoint: deleting the alarm failed:", error));
   }
 
   private save(): void {
@@ -106,15 +136,28 @@ export class FanoutCheckpoint {
   }
 }
 
-/** Oldest seq still queued or in flight in any of these fanouts, `undefined` when none is. */
+/**
+ * Oldest seq still queued or in flight in any of these fanouts, `undefined` when none is. Looks
+ * at every pending event (a moved backlog may be out of order), so it is for the alarm, not the
+ * hot path.
+ */
 export function oldestPending(...fanouts: Pick<Fanout<unknown>, "drained" | "pending">[]): number | undefined {
   let oldest: number | undefined;
   for (const fanout of fanouts) {
-    if (fanout.drained) continue;
-    for (const event of fanout.pending()) {
-      const { seq } = normalize(event).message;
-      if (oldest === undefined || seq < oldest) oldest = seq;
-    }
+    const first = fanout.drained ? undefined : seqRange(fanout.pending())?.first;
+    if (first !== undefined && (oldest === undefined || first < oldest)) oldest = first;
   }
   return oldest;
+}
+
+/** Lowest and highest seq among `events`, `undefined` when there are none. */
+export function seqRange(events: Iterable<Incoming<GuildEvent>>): { first: number; last: number } | undefined {
+  let range: { first: number; last: number } | undefined;
+  for (const event of events) {
+    const { seq } = normalize(event).message;
+    if (!range) range = { first: seq, last: seq };
+    else if (seq < range.first) range.first = seq;
+    else if (seq > range.last) range.last = seq;
+  }
+  return range;
 }

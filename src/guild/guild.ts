@@ -3,7 +3,7 @@ import type { Env } from "../env.ts";
 import type { Message } from "../gateway/protocol.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type HandleOptions, type Incoming, handle, normalize } from "../transport/index.ts";
-import { FanoutCheckpoint, type OldestPending, oldestPending } from "./checkpoint.ts";
+import { FanoutCheckpoint, type OldestPending, oldestPending, seqRange } from "./checkpoint.ts";
 import { type DeliveryConfig, type RelayStub, type SessionStub, deliveryConfig, relayFanoutOptions, sessionFanoutOptions } from "./delivery.ts";
 import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
 import { Fanout } from "./fanout.ts";
@@ -61,8 +61,8 @@ export class Guild extends DurableObject<Env> {
   private relayCount: number;
   /** After a restart in relay mode, or a failed assignment, relays are resynchronised before the next event. */
   private relaysSynced = false;
-  /** While sessions move onto relays, their backlogs travel in the assignments. */
-  private movingSessions = false;
+  /** Relay syncs under way: backlogs may be travelling in their assignments. */
+  private syncing = 0;
   /** How far the fanout got, so a restart resends what was only queued in memory. */
   private readonly checkpoint: FanoutCheckpoint;
 
@@ -94,7 +94,7 @@ export class Guild extends DurableObject<Env> {
         guildId: () => this.guildId!,
         drop: (recipient, ended) => void this.dropSession(recipient.id, recipient.target, ended),
         onSent: (ms) => this.timings.record("fanout_rpc", ms),
-        idle: () => this.checkpoint.progress(this.oldestPending()),
+        idle: () => this.checkpoint.progress(this.drainedOrUnknown()),
       }),
     );
     this.relays = new Fanout<RelayStub>(
@@ -103,7 +103,7 @@ export class Guild extends DurableObject<Env> {
         ctx,
         config: this.config,
         telemetry: this.telemetry,
-        idle: () => this.checkpoint.progress(this.oldestPending()),
+        idle: () => this.checkpoint.progress(this.drainedOrUnknown()),
       }),
     );
     // Subscriptions outlive eviction. What was queued in memory is resent (the checkpoint's
@@ -267,21 +267,24 @@ export class Guild extends DurableObject<Env> {
     await this.checkpoint.alarm(this.resend, () => this.oldestPending());
   }
 
-  /** Events after `after`, through `through`, to every live session or relay (sessions drop repeats by `seq`). */
-  private readonly resend = async (after: number, through: number): Promise<void> => {
+  /** Message `seq` again, to every live session or relay (sessions drop repeats and pull what they lack before it). */
+  private readonly resend = async (seq: number): Promise<void> => {
     if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
+    const [message] = this.messagesAfter(seq - 1, 1);
+    if (!message) return;
+    const event = messageCreateEvent(message);
     const fanout: Fanout<SessionStub | RelayStub> = this.relayCount > 0 ? this.relays : this.sessions;
-    while (after < through) {
-      const messages = this.messagesAfter(after, Math.min(through - after, MAX_PULL));
-      if (messages.length === 0) return;
-      for (const message of messages) void fanout.publish(() => messageCreateEvent(message));
-      after = messages[messages.length - 1]!.seq;
-    }
+    void fanout.publish(() => event);
   };
 
-  /** Oldest seq not yet handed over to a session or relay. */
+  /** For the alarm: the oldest seq not yet handed over to a session or relay. */
   private oldestPending(): OldestPending {
-    return this.movingSessions ? null : oldestPending(this.sessions, this.relays);
+    return this.syncing > 0 ? null : oldestPending(this.sessions, this.relays);
+  }
+
+  /** For the idle hook, without a scan: everything handed over, or cannot tell (the alarm will). */
+  private drainedOrUnknown(): OldestPending {
+    return this.syncing === 0 && this.sessions.drained && this.relays.drained ? undefined : null;
   }
 
   /** Events after `after` (at most `limit`), for a subscribed session that found a gap. */
@@ -353,7 +356,6 @@ export class Guild extends DurableObject<Env> {
   private async useRelays(count: number): Promise<void> {
     const queued = new Map<string, Incoming<GuildEvent>[]>();
     for (const recipient of this.sessions.all()) queued.set(recipient.id, recipient.queue);
-    this.movingSessions = true;
     this.sessions.clear();
     const unsent = new Map<number, Incoming<GuildEvent>>();
     for (const event of this.relays.pending()) unsent.set(normalize(event).message.seq, event);
@@ -362,11 +364,7 @@ export class Guild extends DurableObject<Env> {
     this.addRelayRecipients();
     const synced = this.syncRelays(queued); // assignments go out first, on the stubs events use
     for (const seq of [...unsent.keys()].sort((a, b) => a - b)) this.relays.publish(() => unsent.get(seq)!);
-    try {
-      await synced;
-    } finally {
-      this.movingSessions = false;
-    }
+    await synced;
   }
 
   /**
@@ -374,6 +372,16 @@ export class Guild extends DurableObject<Env> {
    * session that moved goes to the session's new relay.
    */
   private async syncRelays(queued = new Map<string, Incoming<GuildEvent>[]>()): Promise<void> {
+    this.syncing++;
+    try {
+      await this.assignAll(queued);
+    } finally {
+      this.syncing--;
+    }
+  }
+
+  /** The sync itself; `syncing` counts it while it runs. */
+  private async assignAll(queued: Map<string, Incoming<GuildEvent>[]>): Promise<void> {
     this.relaysSynced = true;
     const shares: RelayAssignment[][] = Array.from({ length: this.relayCount }, () => []);
     const assignment = (sessionId: string, backlog: Incoming<GuildEvent>[]): RelayAssignment | null => {
@@ -384,6 +392,9 @@ export class Guild extends DurableObject<Env> {
     // A failed assignment marks relays for another sync before the next event.
     const released = (await Promise.all(shares.map((share, i) => this.assign(i, share, [], true)))).flat();
     const moved = released.map((r) => assignment(r.sessionId, r.backlog)).filter((a) => a !== null && a.backlog.length > 0);
+    // Owed again until the new relays have them: a restart meanwhile resends.
+    const seqs = seqRange(moved.flatMap((a) => a!.backlog));
+    if (seqs) this.checkpoint.accept(seqs.first, seqs.last);
     await Promise.all(moved.map((a) => this.assign(this.relayOf(a!.sessionId), [a!], [])));
   }
 

@@ -3,7 +3,7 @@ import { context } from "@opentelemetry/api";
 import type { Env } from "../env.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type Incoming, contextFromCarrier, normalize } from "../transport/index.ts";
-import { FanoutCheckpoint, oldestPending } from "./checkpoint.ts";
+import { FanoutCheckpoint, oldestPending, seqRange } from "./checkpoint.ts";
 import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOptions } from "./delivery.ts";
 import type { GuildEvent, Subscription } from "./events.ts";
 import { Fanout } from "./fanout.ts";
@@ -58,7 +58,7 @@ export class Relay extends DurableObject<Env> {
           // The guild forgets it too, and tells it if it may still be alive.
           this.ctx.waitUntil(this.guild().dropSession(recipient.id, recipient.target, ended).catch(() => undefined));
         },
-        idle: () => this.checkpoint.progress(oldestPending(this.fanout)),
+        idle: () => this.checkpoint.progress(this.fanout.drained ? undefined : null), // the alarm scans
       }),
     );
     for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM members")) {
@@ -93,6 +93,9 @@ export class Relay extends DurableObject<Env> {
       if (existing?.target === target && backlog.length === 0) continue;
       this.fanout.add(sessionId, userId, target, [...(existing?.queue ?? []), ...backlog]);
     }
+    // Backlogs moved here are this relay's to deliver now: owed until handed over, even if older than what it has.
+    const moved = seqRange(add.flatMap((a) => a.backlog));
+    if (moved) this.checkpoint.accept(moved.first, moved.last);
     return released;
   }
 
@@ -107,7 +110,6 @@ export class Relay extends DurableObject<Env> {
     const naiveSends: (Promise<void> | undefined)[] = [];
     for (const incoming of events) {
       const { message: event, carrier, recipients } = normalize(incoming);
-      this.checkpoint.accept(event.seq);
       const parent = contextFromCarrier(carrier);
       if (!parent) {
         naiveSends.push(this.fanout.publish(() => event));
@@ -124,6 +126,8 @@ export class Relay extends DurableObject<Env> {
         }),
       ));
     }
+    const seqs = seqRange(events);
+    if (seqs) this.checkpoint.accept(seqs.first, seqs.last);
     await Promise.all(naiveSends); // only the naive baseline has sends to await
     // This fanout's spans, and delivery spans sessions handed back since the last export: one
     // request per publish, which carries a burst already. (Leaving them for the fanout's idle
@@ -138,14 +142,10 @@ export class Relay extends DurableObject<Env> {
     await this.checkpoint.alarm(this.resend, () => oldestPending(this.fanout));
   }
 
-  /** The guild's events after `after`, through `through`, to this relay's sessions (they drop repeats by `seq`). */
-  private readonly resend = async (after: number, through: number): Promise<void> => {
-    while (after < through) {
-      const events = await this.guild().eventsForRelay(after, through - after);
-      if (events.length === 0) return;
-      for (const event of events) if (event.seq <= through) void this.fanout.publish(() => event);
-      after = events[events.length - 1]!.seq;
-    }
+  /** The guild's event `seq` again, to this relay's sessions (they drop repeats and pull what they lack before it). */
+  private readonly resend = async (seq: number): Promise<void> => {
+    const [event] = await this.guild().eventsForRelay(seq - 1, 1);
+    if (event?.seq === seq) void this.fanout.publish(() => event);
   };
 
   async sessionCount(): Promise<number> {

@@ -97,6 +97,22 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
   });
 });
 
+/** A fresh stub: one made before an abort stays broken. */
+const relayStub = (guildId: string, i: number) => env.RELAY.get(env.RELAY.idFromName(`${guildId}/relay/${i}`));
+const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+/** Newest seq a relay has accepted for fanout, from its checkpoint. */
+const relayAccepted = (guildId: string, i: number) =>
+  runInDurableObject(relayStub(guildId, i), (_relay, state) =>
+    state.storage.sql.exec<{ accepted: number }>("SELECT accepted FROM fanout_checkpoint").toArray()[0]?.accepted ?? 0,
+  );
+/** Resets an object as a deploy or crash would: its memory is gone, its storage and alarm stay. */
+async function restart(stub: DurableObjectStub): Promise<void> {
+  await runInDurableObject(stub, (_instance, state) => state.abort("restart")).then(
+    () => expect.fail("abort returns"),
+    (error: unknown) => expect(String(error)).toContain("restart"),
+  );
+}
+
 describe("relays that fail or are slow", () => {
   /** Makes one relay object's `publish` behave differently until the returned function is called. */
   function patchPublish(relayName: string, replacement: (original: (...args: unknown[]) => unknown, args: unknown[]) => unknown) {
@@ -151,20 +167,57 @@ describe("relays that fail or are slow", () => {
       await post(guildId, "rr-0", "in flight");
       await eventually(() => holding === clients.length, "every session's first delivery to be held");
       await post(guildId, "rr-0", "queued");
-      const relayStub = (i: number) => env.RELAY.get(env.RELAY.idFromName(`${guildId}/relay/${i}`)); // a fresh one after an abort
-      await scheduler.wait(50); // the guild hands the second message to its relays; then they restart (a deploy, a crash)
-      for (let i = 0; i < relays; i++) {
-        await runInDurableObject(relayStub(i), (_relay, state) => state.abort("restart")).then(
-          () => expect.fail("abort returns"),
-          (error: unknown) => expect(String(error)).toContain("restart"),
-        );
-      }
+      // The guild hands the second message to its relays; then they restart (a deploy, a crash).
+      await eventually(async () => (await Promise.all(range(relays).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 2), "relays to take seq 2");
+      for (const i of range(relays)) await restart(relayStub(guildId, i));
       release();
       for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
       // Nothing else is posted: each relay's alarm wakes it, and it resends what it had not handed over.
-      for (let i = 0; i < relays; i++) expect(await runDurableObjectAlarm(relayStub(i))).toBe(true);
+      for (const i of range(relays)) expect(await runDurableObjectAlarm(relayStub(guildId, i))).toBe(true);
       for (const client of clients) {
         await client.waitFor(() => client.messageSeqs().length === 2, "the queued message");
+        expect(client.messageSeqs()).toEqual([1, 2]);
+      }
+    } finally {
+      restoreSessions();
+    }
+  });
+
+  it("events moved onto relays are theirs to resend if they restart before handing them over", async () => {
+    const guildId = "relay-move-restart";
+    const clients = await joinMany(guildId, "mr", 3); // direct: under RELAY_THRESHOLD=4
+    expect((await guildStub(guildId).fanoutState()).relays).toBe(0);
+    // Hold the sessions' first delivery; the second message waits in the guild's queues.
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let holding = 0;
+    let refuseQueued = true;
+    const anySession = env.SESSION.get(env.SESSION.newUniqueId()); // the method is patched on the class
+    const restoreSessions = await patchMethod(anySession, "deliver", async (_self, original, args) => {
+      const events = JSON.stringify((args[0] as { events: unknown[] }).events);
+      if (events.includes("in flight")) {
+        holding++;
+        await held;
+      } else if (refuseQueued && events.includes("queued")) {
+        throw new Error("session busy"); // the relays retry it after a pause
+      }
+      return original(...args);
+    });
+    try {
+      await post(guildId, "mr-0", "in flight");
+      await eventually(() => holding === clients.length, "every session's first delivery to be held");
+      await post(guildId, "mr-0", "queued");
+      clients.push(await join(guildId, "mr-3")); // 4 sessions: they move onto relays with their queued event
+      const { relays } = await guildStub(guildId).fanoutState();
+      expect(relays).toBeGreaterThan(0);
+      await eventually(async () => (await Promise.all(range(relays).map((i) => relayAccepted(guildId, i)))).some((seq) => seq === 2), "a relay to take seq 2");
+      for (const i of range(relays)) await restart(relayStub(guildId, i)); // while retrying seq 2
+      refuseQueued = false;
+      release();
+      for (const client of clients.slice(0, 3)) await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
+      for (const i of range(relays)) await runDurableObjectAlarm(relayStub(guildId, i));
+      for (const client of clients.slice(0, 3)) {
+        await client.waitFor(() => client.messageSeqs().length === 2, "the moved message");
         expect(client.messageSeqs()).toEqual([1, 2]);
       }
     } finally {

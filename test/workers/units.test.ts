@@ -594,62 +594,88 @@ describe("SpanRecord", () => {
 });
 
 describe("FanoutCheckpoint", () => {
-  /** A fresh object's SQLite storage, and the alarms the checkpoint sets (the runtime's alarms are exercised by the gateway tests). */
-  const withCheckpoints = <R>(fn: (open: () => FanoutCheckpoint, alarms: number[]) => R | Promise<R>) =>
+  /** A fresh object's SQLite storage, and the alarms the checkpoint sets and deletes (the runtime's alarms are exercised by the gateway tests). */
+  const withCheckpoints = <R>(fn: (open: () => FanoutCheckpoint, alarms: { set: number; deleted: number }) => R | Promise<R>) =>
     runInDurableObject(env.SESSION.get(env.SESSION.newUniqueId()), (_instance, state) => {
-      const alarms: number[] = [];
-      return fn(() => new FanoutCheckpoint(state.storage.sql, { setAlarm: async (at) => void alarms.push(Number(at)) }), alarms);
+      const alarms = { set: 0, deleted: 0 };
+      const storage = { setAlarm: async () => void alarms.set++, deleteAlarm: async () => void alarms.deleted++ };
+      return fn(() => new FanoutCheckpoint(state.storage.sql, storage), alarms);
     });
-  /** What a new instance (after a restart) resends. */
+  /** What a new instance (after a restart) resends: the newest event it owes, if any. */
   const resentAfterRestart = async (open: () => FanoutCheckpoint) => {
-    const ranges: [number, number][] = [];
-    await open().recover(async (after, through) => void ranges.push([after, through]));
-    return ranges;
+    const resent: number[] = [];
+    await open().recover(async (seq) => void resent.push(seq));
+    return resent;
   };
 
-  it("after a restart resends only what had not been handed over", async () => {
+  it("after a restart resends the newest event owed, and nothing once everything was handed over", async () => {
     await withCheckpoints(async (open, alarms) => {
       const checkpoint = open();
       for (const seq of [1, 2, 3, 4, 5]) checkpoint.accept(seq);
-      expect(alarms).toHaveLength(1); // one alarm per busy spell, not per event
-      expect(await resentAfterRestart(open)).toEqual([[0, 5]]);
+      expect(alarms.set).toBe(1); // one alarm per busy spell, not per event
+      expect(await resentAfterRestart(open)).toEqual([5]);
       checkpoint.progress(4); // 4 is the oldest still queued somewhere
-      expect(await resentAfterRestart(open)).toEqual([[3, 5]]);
+      expect(await resentAfterRestart(open)).toEqual([5]);
       checkpoint.progress(null); // cannot tell (events in transit): no progress
-      expect(await resentAfterRestart(open)).toEqual([[3, 5]]);
-      checkpoint.progress(undefined); // drained
+      checkpoint.progress(undefined); // drained: the alarm goes too
+      expect(alarms.deleted).toBe(1);
       expect(await resentAfterRestart(open)).toEqual([]);
-      const before = alarms.length; // (each restarted instance above set one after resending)
+      const before = alarms.set; // (each restarted instance above set one after resending)
       checkpoint.accept(6);
       checkpoint.accept(7);
-      expect(alarms.length).toBe(before + 1); // a new busy spell
-      expect(await resentAfterRestart(open)).toEqual([[5, 7]]);
+      expect(alarms.set).toBe(before + 1); // a new busy spell
+      expect(await resentAfterRestart(open)).toEqual([7]);
+    });
+  });
+
+  it("owes an older event queued again after progress passed it (a backlog moved here)", async () => {
+    await withCheckpoints(async (open) => {
+      const checkpoint = open();
+      for (const seq of [1, 2, 3]) checkpoint.accept(seq);
+      checkpoint.progress(undefined);
+      expect(await resentAfterRestart(open)).toEqual([]);
+      checkpoint.accept(2, 3);
+      expect(await resentAfterRestart(open)).toEqual([3]);
+      checkpoint.progress(3); // 2 is out, 3 still queued
+      expect(await resentAfterRestart(open)).toEqual([3]);
     });
   });
 
   it("owes nothing from before it began (a guild with history, upgraded)", async () => {
     await withCheckpoints(async (open) => {
-      open().accept(501);
-      expect(await resentAfterRestart(open)).toEqual([[500, 501]]);
+      const checkpoint = open();
+      checkpoint.accept(501);
+      checkpoint.progress(undefined);
+      expect(await resentAfterRestart(open)).toEqual([]);
     });
   });
 
-  it("keeps what a restart lost until a resend succeeds, and makes no progress meanwhile", async () => {
-    await withCheckpoints(async (open, alarms) => {
+  it("keeps what a restart lost until a resend succeeds, shares one resend among callers, and makes no progress meanwhile", async () => {
+    await withCheckpoints(async (open) => {
       open().accept(1);
       open().accept(2); // the first instance restarted before handing 1 over; this one is cut short too
       const restarted = open();
       restarted.progress(undefined); // its own fanout is idle, but what the last instance lost is still owed
-      const attempts: [number, number][] = [];
-      await restarted.recover(async (after, through) => {
-        attempts.push([after, through]);
-        throw new Error("guild unreachable");
-      }).then(() => expect.fail("resolved"), (error: unknown) => expect(String(error)).toContain("unreachable"));
-      const alarmsAfterFailure = alarms.length;
-      await restarted.recover(async (after, through) => void attempts.push([after, through]));
-      expect(attempts).toEqual([[0, 2], [0, 2]]);
-      expect(alarms.length).toBe(alarmsAfterFailure + 1); // the resent events are covered by an alarm
-      await restarted.recover(async () => expect.fail("resent twice"));
+      const attempts: number[] = [];
+      await restarted
+        .recover(async (seq) => {
+          attempts.push(seq);
+          throw new Error("guild unreachable");
+        })
+        ?.then(() => expect.fail("resolved"), (error: unknown) => expect(String(error)).toContain("unreachable"));
+      let finish!: () => void;
+      const slow = restarted.recover(async (seq) => {
+        attempts.push(seq);
+        await new Promise<void>((resolve) => (finish = resolve));
+      });
+      const second = restarted.recover(async () => expect.fail("a second resend while one is under way"));
+      restarted.accept(3);
+      restarted.progress(undefined); // a new message went out meanwhile: the lost one is still owed
+      expect(await resentAfterRestart(open)).toEqual([3]);
+      finish();
+      await Promise.all([slow, second]);
+      expect(attempts).toEqual([2, 2]);
+      expect(restarted.recover(async () => expect.fail("resent twice"))).toBeUndefined();
     });
   });
 });

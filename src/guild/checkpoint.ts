@@ -5,8 +5,11 @@ import type { Fanout } from "./fanout.ts";
 /** How long a fanout may stay busy before its alarm looks in on it (and, after a restart, resends). */
 export const FANOUT_CHECK_MS = 5_000;
 
-/** Sends event `seq` again to every recipient the owner has now. */
-export type Resend = (seq: number) => Promise<void>;
+/** Most events a recovery resends: the newest ones owed; a session lacking older ones pulls them. */
+export const MAX_RESEND = 32;
+
+/** Sends events `first`..`last` again, in order, to every recipient the owner has now. */
+export type Resend = (first: number, last: number) => Promise<void>;
 
 /**
  * The oldest seq a fanout has not handed over, `undefined` when it has handed over everything,
@@ -20,9 +23,10 @@ export type OldestPending = number | undefined | null;
  * over. Otherwise sessions would notice the gap only when the next message came, which in a
  * quiet guild may be never.
  *
- * It resends only the newest event it owes: a session that lacks earlier ones sees the gap and
- * pulls them from the guild's log (its ordering rule), and one that has it drops the repeat. So
- * a recovery costs one event per recipient, however much was lost.
+ * It resends the newest events it owes, at most `MAX_RESEND`: a session that lacks earlier ones
+ * sees the gap and pulls them from the guild's log (its ordering rule), and one that has them
+ * drops the repeats. So a recovery costs at most that many events per recipient, however much
+ * was lost — within what admission lets a fanout hold anyway.
  *
  * Cheap on the hot path: `accept` writes one small row per call (a guild makes it with each
  * message it stores anyway, a relay once per publish) and sets an alarm when the fanout becomes
@@ -34,8 +38,8 @@ export class FanoutCheckpoint {
   private handedOver = 0;
   /** An alarm is set for this busy spell. */
   private armed = false;
-  /** The newest event a restart lost, until it is resent. */
-  private lost: number | null = null;
+  /** What a restart lost (seqs `first`..`last`), until it is resent. */
+  private lost: { first: number; last: number } | null = null;
   private recovering: Promise<void> | null = null;
   /** No record was stored when this object started: nothing from before its first event is owed. */
   private readonly noRecordAtStart: boolean;
@@ -50,7 +54,7 @@ export class FanoutCheckpoint {
     if (row) {
       this.accepted = row.accepted;
       this.handedOver = row.handed_over;
-      if (this.accepted > this.handedOver) this.lost = this.accepted;
+      if (this.accepted > this.handedOver) this.lost = { first: Math.max(this.handedOver + 1, this.accepted - MAX_RESEND + 1), last: this.accepted };
     }
   }
 
@@ -86,7 +90,7 @@ export class FanoutCheckpoint {
 
   /**
    * After a restart, resends what the previous instance owed; callers await this before
-   * publishing anything new, so the resent event goes first. Concurrent callers share one
+   * publishing anything new, so the resent events go first. Concurrent callers share one
    * resend; a failed one is tried again on the next call or alarm.
    */
   recover(resend: Resend): Promise<void> | undefined {
@@ -97,7 +101,7 @@ export class FanoutCheckpoint {
   private async resendLost(resend: Resend): Promise<void> {
     const lost = this.lost!;
     try {
-      await resend(lost);
+      await resend(lost.first, lost.last);
       this.lost = null; // queued now: the fanout's own progress covers it
     } finally {
       this.arm(true);

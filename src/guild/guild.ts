@@ -267,14 +267,14 @@ export class Guild extends DurableObject<Env> {
     await this.checkpoint.alarm(this.resend, () => this.oldestPending());
   }
 
-  /** Message `seq` again, to every live session or relay (sessions drop repeats and pull what they lack before it). */
-  private readonly resend = async (seq: number): Promise<void> => {
+  /** Messages `first`..`last` again, to every live session or relay (sessions drop repeats and pull what they lack before them). */
+  private readonly resend = async (first: number, last: number): Promise<void> => {
     if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
-    const [message] = this.messagesAfter(seq - 1, 1);
-    if (!message) return;
-    const event = messageCreateEvent(message);
     const fanout: Fanout<SessionStub | RelayStub> = this.relayCount > 0 ? this.relays : this.sessions;
-    void fanout.publish(() => event);
+    for (const message of this.messagesAfter(first - 1, last - first + 1)) {
+      const event = messageCreateEvent(message);
+      void fanout.publish(() => event);
+    }
   };
 
   /** For the alarm: the oldest seq not yet handed over to a session or relay. */

@@ -142,10 +142,11 @@ export class Relay extends DurableObject<Env> {
     await this.checkpoint.alarm(this.resend, () => oldestPending(this.fanout));
   }
 
-  /** The guild's event `seq` again, to this relay's sessions (they drop repeats and pull what they lack before it). */
-  private readonly resend = async (seq: number): Promise<void> => {
-    const [event] = await this.guild().eventsForRelay(seq - 1, 1);
-    if (event?.seq === seq) void this.fanout.publish(() => event);
+  /** The guild's events `first`..`last` again, to this relay's sessions (they drop repeats and pull what they lack before them). */
+  private readonly resend = async (first: number, last: number): Promise<void> => {
+    for (const event of await this.guild().eventsForRelay(first - 1, last - first + 1)) {
+      if (event.seq <= last) void this.fanout.publish(() => event);
+    }
   };
 
   async sessionCount(): Promise<number> {

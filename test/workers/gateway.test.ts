@@ -65,7 +65,7 @@ describe("sessions over real WebSockets in workerd", () => {
     await addMember("restart", "rs-user");
     const client = await TestClient.connect();
     const sessionId = await client.identify("rs-user");
-    // Hold the session's first delivery, so the second message waits in the guild's memory.
+    // Hold the session's first delivery, so the next messages wait in the guild's memory.
     let release!: () => void;
     const held = new Promise<void>((resolve) => (release = resolve));
     let deliveries = 0;
@@ -76,7 +76,7 @@ describe("sessions over real WebSockets in workerd", () => {
     try {
       await post("restart", "rs-user", "in flight");
       await eventually(() => deliveries === 1, "the first delivery to be held");
-      await post("restart", "rs-user", "queued");
+      for (let n = 2; n <= 20; n++) await post("restart", "rs-user", `queued ${n}`);
       // A deploy or crash: the guild's memory is gone (eviction would wait for the held RPC).
       await runInDurableObject(guildStub("restart"), (_guild, state) => state.abort("restart")).then(
         () => expect.fail("abort returns"),
@@ -86,8 +86,8 @@ describe("sessions over real WebSockets in workerd", () => {
       await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
       // Nothing else is posted: the guild's alarm wakes it, and it resends what it had not handed over.
       expect(await runDurableObjectAlarm(guildStub("restart"))).toBe(true);
-      await client.waitFor(() => client.messageSeqs().length === 2, "the queued message");
-      expect(client.messageSeqs()).toEqual([1, 2]);
+      await client.waitFor(() => client.messageSeqs().length === 20, "the queued messages");
+      expect(client.messageSeqs()).toEqual(Array.from({ length: 20 }, (_, i) => i + 1));
     } finally {
       restoreSession();
     }

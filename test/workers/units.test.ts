@@ -12,7 +12,7 @@ import { CloseCode } from "../../src/gateway/protocol.ts";
 import type { GuildEvent } from "../../src/guild/events.ts";
 import type { Env } from "../../src/env.ts";
 import { type RelayStub, deliveryConfig, relayFanoutOptions } from "../../src/guild/delivery.ts";
-import { FanoutCheckpoint } from "../../src/guild/checkpoint.ts";
+import { FanoutCheckpoint, MAX_RESEND } from "../../src/guild/checkpoint.ts";
 import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
@@ -601,21 +601,21 @@ describe("FanoutCheckpoint", () => {
       const storage = { setAlarm: async () => void alarms.set++, deleteAlarm: async () => void alarms.deleted++ };
       return fn(() => new FanoutCheckpoint(state.storage.sql, storage), alarms);
     });
-  /** What a new instance (after a restart) resends: the newest event it owes, if any. */
+  /** What a new instance (after a restart) resends: the range of the newest events it owes, if any. */
   const resentAfterRestart = async (open: () => FanoutCheckpoint) => {
-    const resent: number[] = [];
-    await open().recover(async (seq) => void resent.push(seq));
+    const resent: [number, number][] = [];
+    await open().recover(async (first, last) => void resent.push([first, last]));
     return resent;
   };
 
-  it("after a restart resends the newest event owed, and nothing once everything was handed over", async () => {
+  it("after a restart resends what was owed (its newest MAX_RESEND events), and nothing once everything was handed over", async () => {
     await withCheckpoints(async (open, alarms) => {
       const checkpoint = open();
       for (const seq of [1, 2, 3, 4, 5]) checkpoint.accept(seq);
       expect(alarms.set).toBe(1); // one alarm per busy spell, not per event
-      expect(await resentAfterRestart(open)).toEqual([5]);
+      expect(await resentAfterRestart(open)).toEqual([[1, 5]]);
       checkpoint.progress(4); // 4 is the oldest still queued somewhere
-      expect(await resentAfterRestart(open)).toEqual([5]);
+      expect(await resentAfterRestart(open)).toEqual([[4, 5]]);
       checkpoint.progress(null); // cannot tell (events in transit): no progress
       checkpoint.progress(undefined); // drained: the alarm goes too
       expect(alarms.deleted).toBe(1);
@@ -624,7 +624,9 @@ describe("FanoutCheckpoint", () => {
       checkpoint.accept(6);
       checkpoint.accept(7);
       expect(alarms.set).toBe(before + 1); // a new busy spell
-      expect(await resentAfterRestart(open)).toEqual([7]);
+      expect(await resentAfterRestart(open)).toEqual([[6, 7]]);
+      for (let seq = 8; seq <= 100; seq++) checkpoint.accept(seq);
+      expect(await resentAfterRestart(open)).toEqual([[100 - MAX_RESEND + 1, 100]]); // sessions pull anything older
     });
   });
 
@@ -635,9 +637,9 @@ describe("FanoutCheckpoint", () => {
       checkpoint.progress(undefined);
       expect(await resentAfterRestart(open)).toEqual([]);
       checkpoint.accept(2, 3);
-      expect(await resentAfterRestart(open)).toEqual([3]);
+      expect(await resentAfterRestart(open)).toEqual([[2, 3]]);
       checkpoint.progress(3); // 2 is out, 3 still queued
-      expect(await resentAfterRestart(open)).toEqual([3]);
+      expect(await resentAfterRestart(open)).toEqual([[3, 3]]);
     });
   });
 
@@ -656,25 +658,25 @@ describe("FanoutCheckpoint", () => {
       open().accept(2); // the first instance restarted before handing 1 over; this one is cut short too
       const restarted = open();
       restarted.progress(undefined); // its own fanout is idle, but what the last instance lost is still owed
-      const attempts: number[] = [];
+      const attempts: [number, number][] = [];
       await restarted
-        .recover(async (seq) => {
-          attempts.push(seq);
+        .recover(async (first, last) => {
+          attempts.push([first, last]);
           throw new Error("guild unreachable");
         })
         ?.then(() => expect.fail("resolved"), (error: unknown) => expect(String(error)).toContain("unreachable"));
       let finish!: () => void;
-      const slow = restarted.recover(async (seq) => {
-        attempts.push(seq);
+      const slow = restarted.recover(async (first, last) => {
+        attempts.push([first, last]);
         await new Promise<void>((resolve) => (finish = resolve));
       });
       const second = restarted.recover(async () => expect.fail("a second resend while one is under way"));
       restarted.accept(3);
       restarted.progress(undefined); // a new message went out meanwhile: the lost one is still owed
-      expect(await resentAfterRestart(open)).toEqual([3]);
+      expect(await resentAfterRestart(open)).toEqual([[1, 3]]);
       finish();
       await Promise.all([slow, second]);
-      expect(attempts).toEqual([2, 2]);
+      expect(attempts).toEqual([[1, 2], [1, 2]]);
       expect(restarted.recover(async () => expect.fail("resent twice"))).toBeUndefined();
     });
   });

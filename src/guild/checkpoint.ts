@@ -29,14 +29,15 @@ export type OldestPending = number | undefined | null;
  * was lost — within what admission lets a fanout hold anyway.
  *
  * Cheap on the hot path: `accept` writes one small row per call (a guild makes it with each
- * message it stores anyway, a relay once per publish) and sets an alarm when the fanout becomes
- * busy; it is deleted when the fanout drains, and otherwise looks in every `FANOUT_CHECK_MS`.
+ * message it stores anyway, a relay once per publish); an alarm is set at most once per
+ * `FANOUT_CHECK_MS`, when none is pending, and never deleted (a storage operation per drain and
+ * per message, at low rates, cost more than the alarm's one look at a drained fanout).
  */
 export class FanoutCheckpoint {
   /** Newest seq accepted for fanout, and the seq through which all of them were handed over. */
   private accepted = 0;
   private handedOver = 0;
-  /** An alarm is set for this busy spell. */
+  /** An alarm is pending: it will look in, whatever happens before it fires. */
   private armed = false;
   /** What a restart lost (seqs `first`..`last`), until it is resent. */
   private lost: { first: number; last: number } | null = null;
@@ -46,7 +47,7 @@ export class FanoutCheckpoint {
 
   constructor(
     private readonly sql: SqlStorage,
-    private readonly storage: Pick<DurableObjectStorage, "setAlarm" | "deleteAlarm">,
+    private readonly storage: Pick<DurableObjectStorage, "setAlarm">,
   ) {
     sql.exec("CREATE TABLE IF NOT EXISTS fanout_checkpoint (id INTEGER PRIMARY KEY CHECK (id = 0), accepted INTEGER NOT NULL, handed_over INTEGER NOT NULL)");
     const row = sql.exec<{ accepted: number; handed_over: number }>("SELECT accepted, handed_over FROM fanout_checkpoint").toArray()[0];
@@ -85,7 +86,6 @@ export class FanoutCheckpoint {
       this.handedOver = through;
       this.save();
     }
-    if (oldest === undefined) this.disarm();
   }
 
   /**
@@ -104,7 +104,7 @@ export class FanoutCheckpoint {
       await resend(lost.first, lost.last);
       this.lost = null; // queued now: the fanout's own progress covers it
     } finally {
-      this.arm(true);
+      this.arm(); // the resent events are covered, or the failed resend is tried again
     }
   }
 
@@ -115,24 +115,17 @@ export class FanoutCheckpoint {
       await this.recover(resend);
     } catch (error) {
       console.error("fanout checkpoint: resending after a restart failed; trying again later:", error);
-      return; // re-armed by the failed attempt
+      return; // the failed attempt set the next alarm
     }
     const oldest = oldestPending();
     this.progress(oldest);
     if (oldest !== undefined) this.arm();
   }
 
-  private arm(again = false): void {
-    if (this.armed && !again) return;
+  private arm(): void {
+    if (this.armed) return;
     this.armed = true;
     this.storage.setAlarm(Date.now() + FANOUT_CHECK_MS).catch((error: unknown) => console.error("fanout checkpoint: setting the alarm failed:", error));
-  }
-
-  /** Drained: no alarm needed until the fanout is busy again (a quiet spell wakes nothing). */
-  private disarm(): void {
-    if (!this.armed) return;
-    this.armed = false;
-    this.storage.deleteAlarm().catch((error: unknown) => console.error("fanout checkpoint: deleting the alarm failed:", error));
   }
 
   private save(): void {

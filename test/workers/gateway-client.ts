@@ -116,3 +116,37 @@ export async function patchMethod<T extends object>(
   };
 }
 
+
+/**
+ * Holds every session delivery that carries a message containing `text` until `release()`, and
+ * makes those `refuse` picks throw meanwhile (their sender retries them after a pause). Patched on
+ * the Session class, so it applies to every session; `held()` counts the deliveries held.
+ */
+export async function holdDeliveries(
+  text: string,
+  refuse: (events: string) => boolean = () => false,
+): Promise<{ held(): number; release(): void; restore(): void }> {
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  let held = 0;
+  let refusing = true;
+  const anySession = env.SESSION.get(env.SESSION.newUniqueId());
+  const restore = await patchMethod(anySession, "deliver", async (_self, original, args) => {
+    const events = JSON.stringify((args[0] as { events: unknown[] }).events);
+    if (events.includes(text)) {
+      held++;
+      await released;
+    } else if (refusing && refuse(events)) {
+      throw new Error("session busy");
+    }
+    return original(...args);
+  });
+  return {
+    held: () => held,
+    release: () => {
+      refusing = false;
+      release();
+    },
+    restore,
+  };
+}

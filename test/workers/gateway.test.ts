@@ -2,7 +2,7 @@ import { env, evictDurableObject, runDurableObjectAlarm, runInDurableObject } fr
 import { describe, expect, it } from "vitest";
 import type { Guild } from "../../src/guild/guild.ts";
 import type { Session } from "../../src/session/session.ts";
-import { TestClient, addMember, api, eventually, patchMethod, post, token } from "./gateway-client.ts";
+import { TestClient, addMember, api, eventually, holdDeliveries, patchMethod, post, token } from "./gateway-client.ts";
 
 const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
 const sessionStub = (sessionId: string) => env.SESSION.get(env.SESSION.idFromString(sessionId));
@@ -64,32 +64,26 @@ describe("sessions over real WebSockets in workerd", () => {
   it("get what a guild had queued when it restarted mid-fanout, with no later message to reveal the gap", async () => {
     await addMember("restart", "rs-user");
     const client = await TestClient.connect();
-    const sessionId = await client.identify("rs-user");
+    await client.identify("rs-user");
     // Hold the session's first delivery, so the next messages wait in the guild's memory.
-    let release!: () => void;
-    const held = new Promise<void>((resolve) => (release = resolve));
-    let deliveries = 0;
-    const restoreSession = await patchMethod(sessionStub(sessionId), "deliver", async (_self, original, args) => {
-      if (deliveries++ === 0) await held;
-      return original(...args);
-    });
+    const hold = await holdDeliveries("in flight");
     try {
       await post("restart", "rs-user", "in flight");
-      await eventually(() => deliveries === 1, "the first delivery to be held");
+      await eventually(() => hold.held() === 1, "the first delivery to be held");
       for (let n = 2; n <= 20; n++) await post("restart", "rs-user", `queued ${n}`);
       // A deploy or crash: the guild's memory is gone (eviction would wait for the held RPC).
       await runInDurableObject(guildStub("restart"), (_guild, state) => state.abort("restart")).then(
         () => expect.fail("abort returns"),
         (error: unknown) => expect(String(error)).toContain("restart"),
       );
-      release();
+      hold.release();
       await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
       // Nothing else is posted: the guild's alarm wakes it, and it resends what it had not handed over.
       expect(await runDurableObjectAlarm(guildStub("restart"))).toBe(true);
       await client.waitFor(() => client.messageSeqs().length === 20, "the queued messages");
       expect(client.messageSeqs()).toEqual(Array.from({ length: 20 }, (_, i) => i + 1));
     } finally {
-      restoreSession();
+      hold.restore();
     }
   });
 

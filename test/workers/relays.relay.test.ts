@@ -1,7 +1,7 @@
 import { SELF, env, evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
-import { TestClient, addMember, eventually, patchMethod, post, token } from "./gateway-client.ts";
+import { TestClient, addMember, eventually, holdDeliveries, patchMethod, post, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
 
 const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
@@ -151,26 +151,15 @@ describe("relays that fail or are slow", () => {
     const { relays } = await guildStub(guildId).fanoutState();
     expect(relays).toBeGreaterThan(0);
     // Hold every session's first delivery, so the second message waits in the relays' memory.
-    let release!: () => void;
-    const held = new Promise<void>((resolve) => (release = resolve));
-    let holding = 0;
-    const anySession = env.SESSION.get(env.SESSION.newUniqueId()); // the method is patched on the class
-    const restoreSessions = await patchMethod(anySession, "deliver", async (_self, original, args) => {
-      const { events } = args[0] as { events: unknown[] };
-      if (JSON.stringify(events).includes("in flight")) {
-        holding++;
-        await held;
-      }
-      return original(...args);
-    });
+    const hold = await holdDeliveries("in flight");
     try {
       await post(guildId, "rr-0", "in flight");
-      await eventually(() => holding === clients.length, "every session's first delivery to be held");
+      await eventually(() => hold.held() === clients.length, "every session's first delivery to be held");
       await post(guildId, "rr-0", "queued");
       // The guild hands the second message to its relays; then they restart (a deploy, a crash).
       await eventually(async () => (await Promise.all(range(relays).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 2), "relays to take seq 2");
       for (const i of range(relays)) await restart(relayStub(guildId, i));
-      release();
+      hold.release();
       for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
       // Nothing else is posted: each relay's alarm wakes it, and it resends what it had not handed over.
       for (const i of range(relays)) expect(await runDurableObjectAlarm(relayStub(guildId, i))).toBe(true);
@@ -179,7 +168,7 @@ describe("relays that fail or are slow", () => {
         expect(client.messageSeqs()).toEqual([1, 2]);
       }
     } finally {
-      restoreSessions();
+      hold.restore();
     }
   });
 
@@ -187,33 +176,19 @@ describe("relays that fail or are slow", () => {
     const guildId = "relay-move-restart";
     const clients = await joinMany(guildId, "mr", 3); // direct: under RELAY_THRESHOLD=4
     expect((await guildStub(guildId).fanoutState()).relays).toBe(0);
-    // Hold the sessions' first delivery; the second message waits in the guild's queues.
-    let release!: () => void;
-    const held = new Promise<void>((resolve) => (release = resolve));
-    let holding = 0;
-    let refuseQueued = true;
-    const anySession = env.SESSION.get(env.SESSION.newUniqueId()); // the method is patched on the class
-    const restoreSessions = await patchMethod(anySession, "deliver", async (_self, original, args) => {
-      const events = JSON.stringify((args[0] as { events: unknown[] }).events);
-      if (events.includes("in flight")) {
-        holding++;
-        await held;
-      } else if (refuseQueued && events.includes("queued")) {
-        throw new Error("session busy"); // the relays retry it after a pause
-      }
-      return original(...args);
-    });
+    // Hold the sessions' first delivery; the second message waits in the guild's queues. Once
+    // moved onto relays, its deliveries fail until the release, so the relays retry it.
+    const hold = await holdDeliveries("in flight", (events) => events.includes("queued"));
     try {
       await post(guildId, "mr-0", "in flight");
-      await eventually(() => holding === clients.length, "every session's first delivery to be held");
+      await eventually(() => hold.held() === clients.length, "every session's first delivery to be held");
       await post(guildId, "mr-0", "queued");
       clients.push(await join(guildId, "mr-3")); // 4 sessions: they move onto relays with their queued event
       const { relays } = await guildStub(guildId).fanoutState();
       expect(relays).toBeGreaterThan(0);
       await eventually(async () => (await Promise.all(range(relays).map((i) => relayAccepted(guildId, i)))).some((seq) => seq === 2), "a relay to take seq 2");
       for (const i of range(relays)) await restart(relayStub(guildId, i)); // while retrying seq 2
-      refuseQueued = false;
-      release();
+      hold.release();
       for (const client of clients.slice(0, 3)) await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
       for (const i of range(relays)) await runDurableObjectAlarm(relayStub(guildId, i));
       for (const client of clients.slice(0, 3)) {
@@ -221,7 +196,7 @@ describe("relays that fail or are slow", () => {
         expect(client.messageSeqs()).toEqual([1, 2]);
       }
     } finally {
-      restoreSessions();
+      hold.restore();
     }
   });
 

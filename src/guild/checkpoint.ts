@@ -78,6 +78,22 @@ export class FanoutCheckpoint {
     this.arm();
   }
 
+  /**
+   * Events may have been dropped where no progress can tell (a failed relay sync discards the
+   * backlogs it was moving): owe the newest `MAX_RESEND` again, so the next recovery — the
+   * next message, or the alarm — resends them; recipients drop what they already have.
+   */
+  resendRecent(): void {
+    if (this.accepted === 0) return;
+    const first = Math.max(1, this.accepted - MAX_RESEND + 1);
+    this.lost = { first: Math.min(first, this.lost?.first ?? first), last: this.accepted };
+    if (first - 1 < this.handedOver) {
+      this.handedOver = first - 1; // owed after a restart too
+      this.save();
+    }
+    this.arm();
+  }
+
   /** The fanout has handed over everything before `oldest` (everything, when `undefined`). */
   progress(oldest: OldestPending): void {
     if (this.lost !== null || oldest === null) return; // what a restart lost is owed until resent
@@ -102,7 +118,7 @@ export class FanoutCheckpoint {
     const lost = this.lost!;
     try {
       await resend(lost.first, lost.last);
-      this.lost = null; // queued now: the fanout's own progress covers it
+      if (this.lost === lost) this.lost = null; // queued now: the fanout's own progress covers it
     } finally {
       this.arm(); // the resent events are covered, or the failed resend is tried again
     }
@@ -125,7 +141,10 @@ export class FanoutCheckpoint {
   private arm(): void {
     if (this.armed) return;
     this.armed = true;
-    this.storage.setAlarm(Date.now() + FANOUT_CHECK_MS).catch((error: unknown) => console.error("fanout checkpoint: setting the alarm failed:", error));
+    this.storage.setAlarm(Date.now() + FANOUT_CHECK_MS).catch((error: unknown) => {
+      this.armed = false; // the next event tries again
+      console.error("fanout checkpoint: setting the alarm failed:", error);
+    });
   }
 
   private save(): void {

@@ -375,6 +375,11 @@ export class Guild extends DurableObject<Env> {
     this.syncing++;
     try {
       await this.assignAll(queued);
+    } catch (error) {
+      // Backlogs it was moving may be gone with the failed assignment: resend recent events
+      // once the relays are synced again (before the next message, or by the alarm).
+      this.checkpoint.resendRecent();
+      throw error;
     } finally {
       this.syncing--;
     }

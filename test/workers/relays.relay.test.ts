@@ -200,6 +200,41 @@ describe("relays that fail or are slow", () => {
     }
   });
 
+  it("when a relay sync fails as relays double, the guild resends what the moving sessions had queued", async () => {
+    const guildId = "relay-sync-fails";
+    const clients = await joinMany(guildId, "sf", 9);
+    expect((await guildStub(guildId).fanoutState()).relays).toBe(3);
+    // Sessions hold their first delivery, so the relays queue the next two messages for them.
+    const hold = await holdDeliveries("m1");
+    let failures = 0;
+    const restoreAssign = await patchMethod<{ ctx: DurableObjectState }>(relayStub(guildId, 1), "assign", (self, original, args) => {
+      if (self.ctx.id.equals(env.RELAY.idFromName(`${guildId}/relay/1`)) && args[3] === true && failures++ === 0) throw new Error("relay 1 unreachable");
+      return original(...args);
+    });
+    try {
+      await post(guildId, "sf-0", "m1");
+      await eventually(() => hold.held() === clients.length, "every session's first delivery to be held");
+      for (const n of [2, 3]) await post(guildId, "sf-0", `m${n}`);
+      await scheduler.wait(50); // the relays have them queued
+      // A 10th session: relays double, and relay 1 fails its new assignment (the join fails with it).
+      await join(guildId, "sf-9").then(
+        () => expect.fail("the join succeeded"),
+        () => undefined,
+      );
+      expect(failures).toBeGreaterThan(0);
+    } finally {
+      restoreAssign();
+      hold.release();
+      hold.restore();
+    }
+    // No later message: the guild's alarm resends, after syncing its relays again.
+    expect(await runDurableObjectAlarm(guildStub(guildId))).toBe(true);
+    for (const client of clients) {
+      await client.waitFor(() => client.messageSeqs().length === 3, "all three messages", 5000);
+      expect(client.messageSeqs()).toEqual([1, 2, 3]);
+    }
+  });
+
   it("when relays double, events still queued for or in flight to the old ones reach every session", async () => {
     const guildId = "relay-doubling";
     const clients = await joinMany(guildId, "dbl", 9);

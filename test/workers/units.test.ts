@@ -650,6 +650,30 @@ describe("FanoutCheckpoint", () => {
     });
   });
 
+  it("owes the newest MAX_RESEND events again when told backlogs may be gone, even across a restart or a resend under way", async () => {
+    await withCheckpoints(async (open) => {
+      const checkpoint = open();
+      for (let seq = 1; seq <= 50; seq++) checkpoint.accept(seq);
+      checkpoint.progress(undefined);
+      checkpoint.resendRecent(); // a relay sync failed
+      checkpoint.progress(undefined); // the fanout drains meanwhile: still owed
+      expect(await resentAfterRestart(open)).toEqual([[50 - MAX_RESEND + 1, 50]]);
+      let finish!: () => void;
+      const resent: [number, number][] = [];
+      const first = checkpoint.recover(async (from, to) => {
+        resent.push([from, to]);
+        await new Promise<void>((resolve) => (finish = resolve));
+      });
+      checkpoint.accept(51);
+      checkpoint.resendRecent(); // fails again while the first resend is under way
+      finish();
+      await first;
+      await checkpoint.recover(async (from, to) => void resent.push([from, to]));
+      expect(resent).toEqual([[19, 50], [19, 51]]);
+      expect(checkpoint.recover(async () => expect.fail("resent three times"))).toBeUndefined();
+    });
+  });
+
   it("owes nothing from before it began (a guild with history, upgraded)", async () => {
     await withCheckpoints(async (open) => {
       const checkpoint = open();

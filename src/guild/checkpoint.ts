@@ -29,8 +29,8 @@ export type OldestPending = number | undefined | null;
  * was lost — within what admission lets a fanout hold anyway.
  *
  * Cheap on the hot path: `accept` writes one small row per call (a guild makes it with each
- * message it stores anyway, a relay once per publish); an alarm is set at most once per
- * `FANOUT_CHECK_MS`, when none is pending, and never deleted (a storage operation per drain and
+ * message it stores anyway, a relay once per publish); an alarm is set when this instance has
+ * none pending (at most once per `FANOUT_CHECK_MS` while busy), and never deleted (a storage operation per drain and
  * per message, at low rates, cost more than the alarm's one look at a drained fanout).
  */
 export class FanoutCheckpoint {
@@ -96,12 +96,14 @@ export class FanoutCheckpoint {
 
   /** The fanout has handed over everything before `oldest` (everything, when `undefined`). */
   progress(oldest: OldestPending): void {
-    if (this.lost !== null || oldest === null) return; // what a restart lost is owed until resent
-    const through = oldest === undefined ? this.accepted : Math.min(this.accepted, oldest - 1);
-    if (through > this.handedOver) {
-      this.handedOver = through;
-      this.save();
+    if (this.lost === null && oldest !== null) {
+      const through = oldest === undefined ? this.accepted : Math.min(this.accepted, oldest - 1);
+      if (through > this.handedOver) {
+        this.handedOver = through;
+        this.save();
+      }
     }
+    if (this.lost !== null || this.accepted > this.handedOver) this.arm(); // still owed: keep an alarm (no-op while one is pending)
   }
 
   /**

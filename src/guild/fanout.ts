@@ -97,7 +97,10 @@ export class Fanout<Stub> {
     return this.inFlight > 0 || this.pumpScheduled || this.readyHead < this.ready.length;
   }
 
-  /** Nothing queued or in flight: every event published was handed over, or abandoned with its recipient. */
+  /**
+   * Nothing queued or in flight: every event published was handed over, or abandoned with its
+   * recipient. (The naive baseline counts nothing: its poster awaits its sends instead.)
+   */
   get drained(): boolean {
     return this.outstanding === 0;
   }

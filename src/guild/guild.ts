@@ -355,7 +355,8 @@ export class Guild extends DurableObject<Env> {
    */
   private async useRelays(count: number): Promise<void> {
     const queued = new Map<string, Incoming<GuildEvent>[]>();
-    for (const recipient of this.sessions.all()) queued.set(recipient.id, recipient.queue);
+    // In flight too: an RPC abandoned here is not retried if it fails (sessions drop repeats).
+    for (const recipient of this.sessions.all()) queued.set(recipient.id, recipient.batch.concat(recipient.queue));
     this.sessions.clear();
     const unsent = new Map<number, Incoming<GuildEvent>>();
     for (const event of this.relays.pending()) unsent.set(normalize(event).message.seq, event);

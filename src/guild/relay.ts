@@ -14,7 +14,7 @@ export interface RelayAssignment extends Subscription {
   backlog: Incoming<GuildEvent>[];
 }
 
-/** Events a relay had queued for sessions it gives up, so the next holder can send them. */
+/** Events a relay had queued or in flight for sessions it gives up, so the next holder can send them. */
 export interface Released {
   sessionId: string;
   backlog: Incoming<GuildEvent>[];
@@ -80,7 +80,8 @@ export class Relay extends DurableObject<Env> {
     for (const sessionId of removing) {
       const recipient = this.fanout.remove(sessionId);
       this.sql.exec("DELETE FROM members WHERE session_id = ?", sessionId);
-      if (recipient) released.push({ sessionId, backlog: recipient.queue });
+      // In flight too: an RPC abandoned here is not retried if it fails (sessions drop repeats).
+      if (recipient) released.push({ sessionId, backlog: recipient.batch.concat(recipient.queue) });
     }
     for (const { sessionId, userId, target, backlog } of add) {
       this.sql.exec(

@@ -118,9 +118,10 @@ export async function patchMethod<T extends object>(
 
 
 /**
- * Holds every session delivery that carries a message containing `text` until `release()`, and
- * makes those `refuse` picks throw meanwhile (their sender retries them after a pause). Patched on
- * the Session class, so it applies to every session; `held()` counts the deliveries held.
+ * Holds every session delivery that carries a message containing `text` until `release()`;
+ * until then, deliveries `refuse` picks (checked first) throw, and their sender retries them
+ * after a pause. Patched on the Session class, so it applies to every session; `held()` counts
+ * the deliveries held.
  */
 export async function holdDeliveries(
   text: string,
@@ -133,11 +134,10 @@ export async function holdDeliveries(
   const anySession = env.SESSION.get(env.SESSION.newUniqueId());
   const restore = await patchMethod(anySession, "deliver", async (_self, original, args) => {
     const events = JSON.stringify((args[0] as { events: unknown[] }).events);
+    if (refusing && refuse(events)) throw new Error("session busy");
     if (events.includes(text)) {
       held++;
       await released;
-    } else if (refusing && refuse(events)) {
-      throw new Error("session busy");
     }
     return original(...args);
   });

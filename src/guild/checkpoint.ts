@@ -30,8 +30,9 @@ export type OldestPending = number | undefined | null;
  *
  * Cheap on the hot path: `accept` writes one small row per call (a guild makes it with each
  * message it stores anyway, a relay once per publish); an alarm is set when this instance has
- * none pending (at most once per `FANOUT_CHECK_MS` while busy), and never deleted (a storage operation per drain and
- * per message, at low rates, cost more than the alarm's one look at a drained fanout).
+ * none pending (at most once per `FANOUT_CHECK_MS` while busy) and never deleted: a storage
+ * operation per drain, which at low rates means per message, would cost more than the alarm's
+ * one look at a drained fanout.
  */
 export class FanoutCheckpoint {
   /** Newest seq accepted for fanout, and the seq through which all of them were handed over. */
@@ -135,9 +136,7 @@ export class FanoutCheckpoint {
       console.error("fanout checkpoint: resending after a restart failed; trying again later:", error);
       return; // the failed attempt set the next alarm
     }
-    const oldest = oldestPending();
-    this.progress(oldest);
-    if (oldest !== undefined) this.arm();
+    this.progress(oldestPending()); // which keeps an alarm while anything is owed
   }
 
   private arm(): void {

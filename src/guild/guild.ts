@@ -146,7 +146,8 @@ export class Guild extends DurableObject<Env> {
     // no event may reach a relay before it knows its sessions).
     if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
     // After a restart, what the last instance had not handed over goes out before anything new.
-    await this.checkpoint.recover(this.resend);
+    const recovery = this.checkpoint.recover(this.resend);
+    if (recovery) await recovery;
     // A guild whose fanout has fallen behind makes posters wait rather than queue without bound.
     await (this.relayCount > 0 ? this.relays : this.sessions).admit();
     let naiveSends: Promise<void> | undefined;

@@ -106,11 +106,16 @@ export class Relay extends DurableObject<Env> {
    */
   async publish(events: Incoming<GuildEvent>[]): Promise<void> {
     // After a restart, what the last instance had not handed over goes out before anything new.
-    await this.checkpoint.recover(this.resend);
+    const recovery = this.checkpoint.recover(this.resend);
+    if (recovery) await recovery;
     await this.fanout.admit();
     const naiveSends: (Promise<void> | undefined)[] = [];
+    let first = Infinity;
+    let last = 0;
     for (const incoming of events) {
       const { message: event, carrier, recipients } = normalize(incoming);
+      first = Math.min(first, event.seq);
+      last = Math.max(last, event.seq);
       const parent = contextFromCarrier(carrier);
       if (!parent) {
         naiveSends.push(this.fanout.publish(() => event));
@@ -127,8 +132,7 @@ export class Relay extends DurableObject<Env> {
         }),
       ));
     }
-    const seqs = seqRange(events);
-    if (seqs) this.checkpoint.accept(seqs.first, seqs.last);
+    if (last > 0) this.checkpoint.accept(first, last);
     await Promise.all(naiveSends); // only the naive baseline has sends to await
     // This fanout's spans, and delivery spans sessions handed back since the last export: one
     // request per publish, which carries a burst already. (Leaving them for the fanout's idle

@@ -105,12 +105,20 @@ const relayAccepted = (guildId: string, i: number) =>
   runInDurableObject(relayStub(guildId, i), (_relay, state) =>
     state.storage.sql.exec<{ accepted: number }>("SELECT accepted FROM fanout_checkpoint").toArray()[0]?.accepted ?? 0,
   );
-/** Resets an object as a deploy or crash would: its memory is gone, its storage and alarm stay. */
-async function restart(stub: DurableObjectStub): Promise<void> {
-  await runInDurableObject(stub, (_instance, state) => state.abort("restart")).then(
-    () => expect.fail("abort returns"),
-    (error: unknown) => expect(String(error)).toContain("restart"),
-  );
+/** Resets a guild's relays as a deploy or crash would: their memory is gone, their storage and alarms stay. */
+async function restartRelays(guildId: string, relays: number): Promise<void> {
+  for (const i of range(relays)) {
+    await runInDurableObject(relayStub(guildId, i), (_instance, state) => state.abort("restart")).then(
+      () => expect.fail("abort returns"),
+      (error: unknown) => expect(String(error)).toContain("restart"),
+    );
+  }
+}
+/** Runs each relay's alarm now; says which had one. */
+async function runRelayAlarms(guildId: string, relays: number): Promise<boolean[]> {
+  const ran: boolean[] = [];
+  for (const i of range(relays)) ran.push(await runDurableObjectAlarm(relayStub(guildId, i)));
+  return ran;
 }
 
 describe("relays that fail or are slow", () => {
@@ -158,11 +166,11 @@ describe("relays that fail or are slow", () => {
       await post(guildId, "rr-0", "queued");
       // The guild hands the second message to its relays; then they restart (a deploy, a crash).
       await eventually(async () => (await Promise.all(range(relays).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 2), "relays to take seq 2");
-      for (const i of range(relays)) await restart(relayStub(guildId, i));
+      await restartRelays(guildId, relays);
       hold.release();
       for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
       // Nothing else is posted: each relay's alarm wakes it, and it resends what it had not handed over.
-      for (const i of range(relays)) expect(await runDurableObjectAlarm(relayStub(guildId, i))).toBe(true);
+      expect(await runRelayAlarms(guildId, relays)).toEqual(range(relays).map(() => true));
       for (const client of clients) {
         await client.waitFor(() => client.messageSeqs().length === 2, "the queued message");
         expect(client.messageSeqs()).toEqual([1, 2]);
@@ -187,12 +195,10 @@ describe("relays that fail or are slow", () => {
       const { relays } = await guildStub(guildId).fanoutState();
       expect(relays).toBeGreaterThan(0);
       await eventually(async () => (await Promise.all(range(relays).map((i) => relayAccepted(guildId, i)))).some((seq) => seq === 2), "a relay to take seq 2");
-      for (const i of range(relays)) await restart(relayStub(guildId, i)); // while retrying seq 2
+      await restartRelays(guildId, relays); // while they retry seq 2
       hold.release();
       for (const client of clients.slice(0, 3)) await client.waitFor(() => client.messageSeqs().length === 1, "the held message");
-      const alarms = [];
-      for (const i of range(relays)) alarms.push(await runDurableObjectAlarm(relayStub(guildId, i)));
-      expect(alarms).toContain(true); // the relays that took the moved event
+      expect(await runRelayAlarms(guildId, relays)).toContain(true); // the relays that took the moved event
       for (const client of clients.slice(0, 3)) {
         await client.waitFor(() => client.messageSeqs().length === 2, "the moved message");
         expect(client.messageSeqs()).toEqual([1, 2]);

@@ -1,6 +1,6 @@
 import type { Env } from "../env.ts";
 import { isDevelopment } from "../env.ts";
-import type { GuildResult } from "../guild/events.ts";
+import { CONTENT_RULE, type GuildResult, isValidContent } from "../guild/events.ts";
 import { call, parseTransportMode } from "../transport/index.ts";
 import { type Claims, DEFAULT_TOKEN_TTL_SECONDS, authSecret, isValidId, signToken, verifyToken } from "./auth.ts";
 import { HttpError, errorResponse, json, readJsonObject } from "./http.ts";
@@ -79,9 +79,7 @@ async function route(request: Request, env: Env): Promise<Response> {
       if (method === "POST") {
         const body = await readJsonObject(request);
         const content = body.content;
-        if (typeof content !== "string" || content.length < 1 || content.length > 4000) {
-          throw new HttpError(400, "invalid_content", "content must be a string of 1–4000 characters");
-        }
+        if (!isValidContent(content)) throw new HttpError(400, "invalid_content", CONTENT_RULE);
         const mode = parseTransportMode(env.TRANSPORT_MODE);
         const message = unwrap(await call(guild, "createMessage", { guildId, authorId: claims.sub, content }, { mode }));
         return json(message, 201);
@@ -127,10 +125,12 @@ function requireSecret(env: Env): string {
   return secret;
 }
 
+const BEARER = /^Bearer +(\S+) *$/i;
+
 async function authenticate(request: Request, env: Env): Promise<Claims> {
   const secret = requireSecret(env);
   const header = request.headers.get("Authorization");
-  const token = header?.startsWith("Bearer ") ? header.slice(7).trim() : null;
+  const token = header && BEARER.exec(header)?.[1]; // the scheme is case-insensitive (RFC 9110 §11.1)
   if (!token) throw new HttpError(401, "unauthorized", "missing Authorization: Bearer <token>", { "WWW-Authenticate": "Bearer" });
   const claims = await verifyToken(secret, token);
   if (!claims) throw new HttpError(401, "invalid_token", "token is invalid or expired", { "WWW-Authenticate": "Bearer" });
@@ -161,5 +161,6 @@ function integerParam(url: URL, name: string, fallback: number, min: number, max
 
 function unwrap<T>(result: GuildResult<T>): T {
   if (result.ok) return result.value;
-  throw new HttpError(result.error.status, result.error.code, result.error.message);
+  const { status, code, message, retryAfterSeconds } = result.error;
+  throw new HttpError(status, code, message, retryAfterSeconds === undefined ? {} : { "Retry-After": String(retryAfterSeconds) });
 }

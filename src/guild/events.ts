@@ -15,6 +15,23 @@ export interface MessageCreateEvent {
 }
 export type GuildEvent = MessageCreateEvent;
 
+/** A message's content: 1–4000 characters, counted as Unicode code points (an emoji is one). */
+export const MAX_CONTENT_LENGTH = 4000;
+export const CONTENT_RULE = `content must be a string of 1–${MAX_CONTENT_LENGTH} characters, with no unpaired surrogates`;
+
+/**
+ * Content the guild can store as given: an unpaired surrogate would be stored as U+FFFD, so
+ * history, gap fills and resends would differ from what the poster and live sessions saw.
+ */
+export function isValidContent(content: unknown): content is string {
+  if (typeof content !== "string" || content.length === 0 || !content.isWellFormed()) return false;
+  if (content.length <= MAX_CONTENT_LENGTH) return true; // UTF-16 units never undercount code points
+  if (content.length > 2 * MAX_CONTENT_LENGTH) return false;
+  let codePoints = 0;
+  for (const _ of content) if (++codePoints > MAX_CONTENT_LENGTH) return false;
+  return true;
+}
+
 export const messageCreateEvent = (message: Message): MessageCreateEvent => ({
   type: "MESSAGE_CREATE",
   seq: message.seq,
@@ -45,13 +62,15 @@ export interface GuildError {
   status: 400 | 403 | 404 | 429;
   code: string;
   message: string;
+  /** With 429: seconds until a retry can succeed. */
+  retryAfterSeconds?: number;
 }
 export type GuildResult<T> = { ok: true; value: T } | { ok: false; error: GuildError };
 
 export const ok = <T>(value: T): GuildResult<T> => ({ ok: true, value });
-export const fail = <T = never>(status: GuildError["status"], code: string, message: string): GuildResult<T> => ({
+export const fail = <T = never>(status: GuildError["status"], code: string, message: string, retryAfterSeconds?: number): GuildResult<T> => ({
   ok: false,
-  error: { status, code, message },
+  error: retryAfterSeconds === undefined ? { status, code, message } : { status, code, message, retryAfterSeconds },
 });
 
 export interface Subscription {

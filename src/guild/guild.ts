@@ -5,7 +5,7 @@ import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type HandleOptions, type Incoming, handle, normalize } from "../transport/index.ts";
 import { FanoutCheckpoint, type OldestPending, oldestPending, seqRange } from "./checkpoint.ts";
 import { type DeliveryConfig, type RelayStub, type SessionStub, deliveryConfig, relayFanoutOptions, sessionFanoutOptions } from "./delivery.ts";
-import { type GuildEvent, type GuildResult, type Subscription, fail, messageCreateEvent, ok } from "./events.ts";
+import { CONTENT_RULE, type GuildEvent, type GuildResult, type Subscription, fail, isValidContent, messageCreateEvent, ok } from "./events.ts";
 import { Fanout } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
 import type { RelayAssignment, Released } from "./relay.ts";
@@ -17,13 +17,18 @@ export interface CreateMessage {
   content: string;
 }
 
-export const MAX_CONTENT_LENGTH = 4000;
 export const MAX_HISTORY_LIMIT = 100;
 /** Events a session may pull in one go to fill a gap; a longer gap takes several pulls. */
 const MAX_PULL = 1000;
 /** Messages one author may post per second, and the burst allowed on top. */
 const AUTHOR_RATE_PER_SECOND = 10;
 const AUTHOR_BURST = 50;
+/** Authors whose buckets are kept in memory at most. */
+const MAX_AUTHOR_BUCKETS = 10_000;
+
+function refilled(bucket: { tokens: number; at: number }, now: number): number {
+  return Math.min(AUTHOR_BURST, bucket.tokens + ((now - bucket.at) / 1000) * AUTHOR_RATE_PER_SECOND);
+}
 
 interface MessageRow extends Record<string, SqlStorageValue> {
   seq: number;
@@ -142,6 +147,10 @@ export class Guild extends DurableObject<Env> {
   // ---- messages ---------------------------------------------------------------------------
 
   async createMessage(incoming: Incoming<CreateMessage>): Promise<GuildResult<Message>> {
+    // Refused at once, not after waiting for admission: a busy guild keeps no one in its queue
+    // to be told they are not a member, or are posting too fast.
+    const refused = this.refusePost(normalize(incoming).message);
+    if (refused) return refused;
     // After a restart in relay mode, relays learn their sessions before the next event (awaited:
     // no event may reach a relay before it knows its sessions).
     if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
@@ -153,12 +162,8 @@ export class Guild extends DurableObject<Env> {
     let naiveSends: Promise<void> | undefined;
     const result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
       this.timings.time("message_create", () => {
-        const denied = this.checkMember(guildId, authorId);
+        const denied = this.checkMember(guildId, authorId); // removed while waiting for admission?
         if (denied) return denied;
-        if (typeof content !== "string" || content.length < 1 || content.length > MAX_CONTENT_LENGTH) {
-          return fail<Message>(400, "invalid_content", `content must be 1–${MAX_CONTENT_LENGTH} characters`);
-        }
-        if (!this.takeToken(authorId)) return fail<Message>(429, "rate_limited", "too many messages; slow down");
         const message: Message = {
           id: crypto.randomUUID(),
           guild_id: guildId,
@@ -435,6 +440,15 @@ export class Guild extends DurableObject<Env> {
     return this.sql.exec("SELECT 1 FROM members WHERE user_id = ?", userId).toArray().length > 0;
   }
 
+  /** A post that cannot be accepted: unknown guild, not a member, bad content, or over the author's rate (which it counts). */
+  private refusePost({ guildId, authorId, content }: CreateMessage): GuildResult<never> | null {
+    const denied = this.checkMember(guildId, authorId);
+    if (denied) return denied;
+    if (!isValidContent(content)) return fail(400, "invalid_content", CONTENT_RULE);
+    const wait = this.takeToken(authorId);
+    return wait > 0 ? fail(429, "rate_limited", "too many messages; slow down", Math.ceil(wait)) : null;
+  }
+
   private checkMember(guildId: string, userId: string): GuildResult<never> | null {
     if (!this.exists(guildId)) return fail(404, "unknown_guild", `guild ${guildId} does not exist`);
     if (!this.isMember(userId)) return fail(403, "not_a_member", `you are not a member of guild ${guildId}`);
@@ -455,17 +469,26 @@ export class Guild extends DurableObject<Env> {
       }));
   }
 
-  /** Token bucket per author, in memory: a restart forgives, which is fine for a rate limit. */
-  private takeToken(authorId: string): boolean {
+  /**
+   * Token bucket per author, in memory: a restart forgives, which is fine for a rate limit.
+   * Takes a token and answers 0, or answers the seconds until one is due.
+   */
+  private takeToken(authorId: string): number {
     const now = Date.now();
     const bucket = this.authorBuckets.get(authorId) ?? { tokens: AUTHOR_BURST, at: now };
-    bucket.tokens = Math.min(AUTHOR_BURST, bucket.tokens + ((now - bucket.at) / 1000) * AUTHOR_RATE_PER_SECOND);
+    bucket.tokens = refilled(bucket, now);
     bucket.at = now;
-    if (this.authorBuckets.size > 10_000) this.authorBuckets.clear();
+    if (this.authorBuckets.size >= MAX_AUTHOR_BUCKETS) this.forgetFullBuckets(now);
     this.authorBuckets.set(authorId, bucket);
-    if (bucket.tokens < 1) return false;
+    if (bucket.tokens < 1) return (1 - bucket.tokens) / AUTHOR_RATE_PER_SECOND;
     bucket.tokens -= 1;
-    return true;
+    return 0;
+  }
+
+  /** Keeps the map bounded without forgiving anyone: a full bucket is what a new one would be. */
+  private forgetFullBuckets(now: number): void {
+    for (const [authorId, bucket] of this.authorBuckets) if (refilled(bucket, now) >= AUTHOR_BURST) this.authorBuckets.delete(authorId);
+    if (this.authorBuckets.size >= MAX_AUTHOR_BUCKETS) this.authorBuckets.clear(); // that many authors at their limit at once
   }
 }
 

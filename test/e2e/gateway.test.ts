@@ -507,9 +507,14 @@ describe("guildwire over wrangler dev (development)", () => {
           expectError(await postRaw(body), 400);
         }
         expectError(await api.tryPost(guild, user, "x".repeat(4001)), 400);
-        // The limits themselves are fine.
+        expectError(await api.tryPost(guild, user, "🙂".repeat(4001)), 400);
+        // An unpaired surrogate would be stored as U+FFFD, unlike what was posted and delivered.
+        expectError(await api.tryPost(guild, user, "a\ud800b"), 400);
+        // The limits themselves are fine: 4,000 characters, an emoji being one.
         expect((await api.tryPost(guild, user, "x".repeat(4000))).status).toBe(201);
+        expect((await api.tryPost(guild, user, "🙂".repeat(4000))).status).toBe(201);
         expect((await api.tryPost(guild, user, "y")).status).toBe(201);
+        expect((await api.history(guild, user)).body.map((m) => m.content)).toEqual(["x".repeat(4000), "🙂".repeat(4000), "y"]);
 
         // Ids: 1–64 characters of [A-Za-z0-9_-].
         const admin = await api.adminToken();
@@ -547,13 +552,15 @@ describe("guildwire over wrangler dev (development)", () => {
         expectError(await api.request("GET", path), 401);
         expectError(await api.request("POST", path, { json: { content: "hi" }, headers: { Authorization: `Basic ${token}` } }), 401);
         expectError(await api.request("POST", path, { json: { content: "hi" }, headers: { Authorization: "Bearer " } }), 401);
+        // The scheme is case-insensitive (RFC 9110): the same token as "bearer" is accepted.
+        expect((await api.request("POST", path, { json: { content: "lower-case scheme" }, headers: { Authorization: `bearer ${token}` } })).status).toBe(201);
         for (const bad of forged) {
           expectError(await api.request("POST", path, { token: bad, json: { content: "hi" } }), 401);
           // A forged admin token must not add members.
           expectError(await api.request("PUT", `/api/guilds/${guild}/members/${uid("e401-intruder")}`, { token: bad }), 401);
         }
-        // Nothing was posted by any of that.
-        expect((await api.history(guild, user)).body).toEqual([]);
+        // Nothing else was posted by any of that.
+        expect((await api.history(guild, user)).body.map((m) => m.content)).toEqual(["lower-case scheme"]);
       },
       TEST_TIMEOUT,
     );
@@ -660,7 +667,10 @@ describe("guildwire over wrangler dev (development)", () => {
         expect(accepted.length + limited.length).toBe(responses.length);
         expect(accepted.length).toBeGreaterThanOrEqual(50);
         expect(limited.length).toBeGreaterThanOrEqual(1);
-        for (const response of limited) expectError(response, 429);
+        for (const response of limited) {
+          expectError(response, 429);
+          expect(Number(response.headers.get("Retry-After")), "Retry-After").toBeGreaterThanOrEqual(1);
+        }
 
         // Rate limited posts took no seq: the accepted ones are 1..n, all stored.
         const seqs = accepted.map((r) => r.body.seq).sort((a, b) => a - b);

@@ -87,6 +87,44 @@ describe("sessions over real WebSockets in workerd", () => {
     }
   });
 
+  it("refuse a non-member or an author over their rate at once while the guild makes posters wait, and deliver every post it took", async () => {
+    for (const user of ["busy-a", "busy-b", "busy-c"]) await addMember("busy", user);
+    const client = await TestClient.connect();
+    await client.identify("busy-a");
+    const hold = await holdDeliveries("in flight");
+    try {
+      await post("busy", "busy-a", "in flight");
+      await eventually(() => hold.held() === 1, "the first delivery to be held");
+      // More than admission lets queue for one session (twice FANOUT_MAX_BACKLOG, 64), from two
+      // authors so neither reaches their rate: the later posts wait.
+      const statuses: number[] = [];
+      const posting = (as: string, count: number) =>
+        Array.from({ length: count }, (_, i) => api("POST", "/api/guilds/busy/messages", as, { content: `${as} ${i}` }).then((r) => statuses.push(r.status)));
+      const waiting = [...posting("busy-a", 39), ...posting("busy-b", 40)];
+      await scheduler.wait(300);
+      expect(statuses.length).toBeLessThan(79); // some are waiting for admission
+
+      const outsider = await api("POST", "/api/guilds/busy/messages", "busy-outsider", { content: "let me in" });
+      expect(outsider.status).toBe(403);
+      // Past the burst of 50, busy-c is told at once, with when to try again.
+      const burst = posting("busy-c", 60);
+      await eventually(() => statuses.includes(429), "a 429 while the guild is still full");
+      const limited = await api("POST", "/api/guilds/busy/messages", "busy-c", { content: "too fast" });
+      expect(limited.status).toBe(429);
+      expect(Number(limited.headers.get("Retry-After"))).toBeGreaterThanOrEqual(1);
+      expect(hold.held()).toBe(1); // all of that while the fanout was still full
+
+      hold.release();
+      await Promise.all([...waiting, ...burst]);
+      const accepted = 1 + statuses.filter((status) => status === 201).length;
+      expect(statuses.filter((status) => status !== 201 && status !== 429)).toEqual([]);
+      await client.waitFor(() => client.messageSeqs().length === accepted, "every accepted post");
+      expect(client.messageSeqs()).toEqual(Array.from({ length: accepted }, (_, i) => i + 1));
+    } finally {
+      hold.restore();
+    }
+  });
+
   it("fill a gap in a guild's seq by pulling the missing events, in order", async () => {
     await addMember("gap", "gap-user");
     const client = await TestClient.connect();

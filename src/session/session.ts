@@ -145,6 +145,10 @@ export class Session extends DurableObject<Env> {
   }
 
   override async webSocketMessage(ws: WebSocket, data: string | ArrayBuffer): Promise<void> {
+    // Frames still on their way when this side closed the socket (and perhaps wiped this
+    // object) are discarded, as RFC 6455 has it once a Close is sent. (Frames the client sent
+    // before closing it itself are still handled.)
+    if (closedHere.has(ws) || this.state.status === "ended") return;
     if (!this.withinRateLimit()) return this.close(ws, CloseCode.RATE_LIMITED, "too many frames");
     const parsed = parseClientFrame(data);
     const authenticated = HOLDING.has(this.state.status);
@@ -296,6 +300,7 @@ export class Session extends DurableObject<Env> {
   /** Gives the session (state, guild positions, unacknowledged dispatches) to `requester`. */
   async handOff(request: HandOffRequest): Promise<HandOff> {
     return this.enqueue(() => {
+      this.flushDispatches(); // anything numbered but not yet stored (a failed flush) goes with the session
       const { status, userId, s, sessionId } = this.state;
       if (!HOLDING.has(status)) return { kind: "unknown" };
       if (request.userId !== userId) return { kind: "wrong_user" };
@@ -334,28 +339,32 @@ export class Session extends DurableObject<Env> {
       let delivered: Outcome | undefined;
       const spans: Promise<unknown>[] = [];
       try {
-        for (const incoming of delivery.events) {
-          const { message: event, carrier } = normalize(incoming);
-          // A repeat (a retried RPC's, or one a gap fill brought already) delivers nothing.
-          if (event.seq <= lastSeq) continue;
-          const after = lastSeq;
-          const parent = contextFromCarrier(carrier);
-          let gapFill: Promise<void> | undefined;
-          if (parent) {
-            const outcome = (delivered ??= outcomeOf()).settled;
-            // runInSpan calls this at once, so `gapFill` is set before it is awaited below.
-            const span = runInSpan(parent, "session.deliver", this.traced, () => {
-              gapFill = this.dispatchAfter(delivery.guildId, after, event);
-              return gapFill ? gapFill.then(() => outcome) : outcome;
-            });
-            spans.push(span.catch(() => undefined)); // the span records a failure; it is thrown below
-          } else {
-            gapFill = this.dispatchAfter(delivery.guildId, after, event);
+        try {
+          for (const incoming of delivery.events) {
+            const { message: event, carrier } = normalize(incoming);
+            // A repeat (a retried RPC's, or one a gap fill brought already) delivers nothing.
+            if (event.seq <= lastSeq) continue;
+            const after = lastSeq;
+            const parent = contextFromCarrier(carrier);
+            let next!: number | Promise<number>;
+            if (parent) {
+              const outcome = (delivered ??= outcomeOf()).settled;
+              // runInSpan calls this at once, so `next` is set before it is read below.
+              const span = runInSpan(parent, "session.deliver", this.traced, () => {
+                next = this.dispatchAfter(delivery.guildId, after, event);
+                return typeof next === "number" ? outcome : next.then(() => outcome);
+              });
+              spans.push(span.catch(() => undefined)); // the span records a failure; it is thrown below
+            } else {
+              next = this.dispatchAfter(delivery.guildId, after, event);
+            }
+            lastSeq = typeof next === "number" ? next : await next;
           }
-          if (gapFill) await gapFill;
-          lastSeq = event.seq;
+        } finally {
+          // Stored and sent even if a gap fill failed part-way: what was numbered has moved the
+          // session's `s` and position, and a RESUME hands over only what is stored.
+          this.flushDispatches(); // the buffer's runs record the new position
         }
-        this.flushDispatches(); // the buffer's runs record the new position
         delivered?.succeed();
       } catch (error) {
         delivered?.fail(error);
@@ -447,27 +456,39 @@ export class Session extends DurableObject<Env> {
 
   /** Pulls the events between `lastSeq` and `nextSeq` that never arrived; returns the new last seq. */
   private async fillGap(guildId: string, lastSeq: number, nextSeq: number): Promise<number> {
-    while (lastSeq + 1 < nextSeq) {
-      const missing = await this.guild(guildId).eventsAfter(this.state.sessionId, lastSeq, nextSeq - lastSeq - 1);
-      const before = lastSeq;
-      for (const event of missing) {
-        if (event.seq !== lastSeq + 1) break;
-        this.dispatchEvent(guildId, event);
-        lastSeq = event.seq;
+    try {
+      while (lastSeq + 1 < nextSeq) {
+        const missing = await this.guild(guildId).eventsAfter(this.state.sessionId, lastSeq, nextSeq - lastSeq - 1);
+        const before = lastSeq;
+        for (const event of missing) {
+          if (event.seq !== lastSeq + 1) break;
+          this.dispatchEvent(guildId, event);
+          lastSeq = event.seq;
+        }
+        if (lastSeq === before) break; // the guild has nothing more for us (e.g. we were unsubscribed)
       }
-      if (lastSeq === before) break; // the guild has nothing more for us (e.g. we were unsubscribed)
+    } finally {
+      this.flushDispatches(); // what was pulled before a failure, too
     }
-    this.flushDispatches();
     return lastSeq;
   }
 
-  /** Dispatches `event`, after pulling any events between `after` and it that never arrived. */
-  private dispatchAfter(guildId: string, after: number, event: GuildEvent): Promise<void> | undefined {
+  /**
+   * Dispatches `event`, after pulling any events between `after` and it that never arrived;
+   * returns the session's position in the guild afterwards.
+   */
+  private dispatchAfter(guildId: string, after: number, event: GuildEvent): number | Promise<number> {
     if (event.seq <= after + 1) {
       this.dispatchEvent(guildId, event);
-      return undefined;
+      return event.seq;
     }
-    return this.fillGap(guildId, after, event.seq).then(() => this.dispatchEvent(guildId, event));
+    return this.fillGap(guildId, after, event.seq).then((reached) => {
+      // The guild gave less than the gap (it no longer lists this session): dispatching `event`
+      // would skip what is missing for good. Left out; subscribing again pulls from `reached`.
+      if (reached + 1 !== event.seq) return reached;
+      this.dispatchEvent(guildId, event);
+      return event.seq;
+    });
   }
 
   /** Dispatches a guild's event; its run in the buffer records the session's new position there. */
@@ -630,12 +651,32 @@ export class Session extends DurableObject<Env> {
   }
 }
 
+/** Sockets this side has closed. */
+const closedHere = new WeakSet<WebSocket>();
+
 function closeSocket(ws: WebSocket, code: number, reason: string): void {
+  closedHere.add(ws);
   try {
-    ws.close(code, reason);
+    ws.close(code, fitCloseReason(reason));
   } catch {
     // already closing
   }
+}
+
+/** A close frame's reason holds at most 123 UTF-8 bytes; `close()` throws on a longer one. */
+const MAX_CLOSE_REASON_BYTES = 123;
+const utf8 = new TextEncoder();
+
+function fitCloseReason(reason: string): string {
+  if (reason.length * 3 <= MAX_CLOSE_REASON_BYTES || utf8.encode(reason).byteLength <= MAX_CLOSE_REASON_BYTES) return reason;
+  let bytes = 0;
+  let end = 0;
+  for (const char of reason) {
+    bytes += utf8.encode(char).byteLength;
+    if (bytes > MAX_CLOSE_REASON_BYTES - 3) return `${reason.slice(0, end)}…`; // "…" is 3 bytes
+    end += char.length;
+  }
+  return reason;
 }
 
 /** Like `Promise.all`, but waits for every promise before throwing the first failure. */

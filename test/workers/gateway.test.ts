@@ -147,6 +147,77 @@ describe("sessions over real WebSockets in workerd", () => {
   });
 });
 
+describe("gap fills that fail or come back short", () => {
+  /** Takes the session out of the guild's fanout while `messages` are posted, then puts it back: the guild's log has them, the session does not. */
+  const missMessages = async (guildId: string, sessionId: string, userId: string, messages: string[]) => {
+    const target = await runInDurableObject(guildStub(guildId), (guild: Guild) =>
+      (guild as unknown as { sessions: { remove(id: string): { target: string } } }).sessions.remove(sessionId).target,
+    );
+    for (const content of messages) await post(guildId, userId, content);
+    return () =>
+      runInDurableObject(guildStub(guildId), (guild: Guild) => {
+        (guild as unknown as { sessions: { add(s: string, u: string, t: string): void } }).sessions.add(sessionId, userId, target);
+      });
+  };
+  const eventsOf = async (guildId: string, userId: string) => {
+    const history = await (await api("GET", `/api/guilds/${guildId}/messages`, userId)).json<{ seq: number }[]>();
+    return (seq: number) => ({ type: "MESSAGE_CREATE" as const, seq, data: JSON.stringify(history.find((m) => m.seq === seq)) });
+  };
+
+  it("a RESUME after a delivery whose gap fill failed part-way still has the event dispatched before the gap", async () => {
+    const guildId = "gap-fails";
+    await addMember(guildId, "gf-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("gf-user");
+    await post(guildId, "gf-user", "m1");
+    await client.waitFor(() => client.messageSeqs().length === 1, "m1");
+    const putBack = await missMessages(guildId, sessionId, "gf-user", ["m2", "m3", "m4"]);
+    await putBack();
+    const event = await eventsOf(guildId, "gf-user");
+    // [2, 4] with 3 missing: 2 is dispatched, then pulling 3 fails (the guild restarting, say).
+    const restore = await patchMethod(guildStub(guildId), "eventsAfter", async () => {
+      throw new Error("guild restarting");
+    });
+    try {
+      const outcome = await sessionStub(sessionId)
+        .deliver({ guildId, events: [event(2), event(4)] })
+        .then(() => "delivered", (error: unknown) => `failed: ${String(error)}`);
+      expect(outcome).toContain("guild restarting");
+    } finally {
+      restore();
+    }
+    // The client drops before the guild retries; it RESUMEs from the last dispatch it saw.
+    await client.waitFor(() => client.messageSeqs().length === 2, "m2, sent despite the failure");
+    const lastS = client.dispatches().at(-1)!.s!;
+    client.ws.close(4000, "network dropped");
+    const resumed = await TestClient.connect();
+    await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
+    resumed.send({ op: 6, d: { token: await token("gf-user"), session_id: sessionId, seq: lastS } });
+    await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    await resumed.waitFor(() => resumed.messageSeqs().length === 2, "m3 and m4 after the RESUME");
+    expect([...client.messageSeqs(), ...resumed.messageSeqs()]).toEqual([1, 2, 3, 4]);
+    const s = [...client.dispatches(), ...resumed.dispatches()].map((f) => f.s);
+    expect(s).toEqual(Array.from({ length: s.length }, (_, i) => i + 1));
+  });
+
+  it("an event after a gap the guild will not fill (it no longer lists the session) is left out, not dispatched past the gap", async () => {
+    const guildId = "gap-short";
+    await addMember(guildId, "gs-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("gs-user");
+    await post(guildId, "gs-user", "m1");
+    await client.waitFor(() => client.messageSeqs().length === 1, "m1");
+    await missMessages(guildId, sessionId, "gs-user", ["m2", "m3"]);
+    const event = await eventsOf(guildId, "gs-user");
+    await guildStub(guildId).unsubscribe(sessionId);
+    // A late delivery of 3 alone, from a fanout that had not heard.
+    await sessionStub(sessionId).deliver({ guildId, events: [event(3)] });
+    await post(guildId, "gs-user", "m4"); // reaches no one: the session is unsubscribed
+    await scheduler.wait(100);
+    expect(client.messageSeqs()).toEqual([1]);
+  });
+});
+
 describe("a large coalesced delivery", () => {
   it("dispatches every event of a 150-event batch, in order (more rows than one SQL statement binds)", async () => {
     await addMember("big-batch", "bb-user");
@@ -260,24 +331,56 @@ describe("fanout to sessions that fail or have ended", () => {
 });
 
 describe("bad input", () => {
-  it("closes with the contract's code and leaves the session resumable with nothing lost", async () => {
-    await addMember("bad", "bad-user");
+  // A close reason holds 123 bytes: one naming a long opcode must still close, with its code.
+  it.each([
+    ["not JSON", "{not json", 4002],
+    ["a long string opcode", { op: "x".repeat(200) }, 4001],
+    ["an object opcode of multi-byte text", { op: { a: "é".repeat(100) } }, 4001],
+  ])("%s: closes with the contract's code and leaves the session resumable with nothing lost", async (name, frame, code) => {
+    const guildId = `bad-${name.replaceAll(" ", "-")}`;
+    await addMember(guildId, "bad-user");
     const client = await TestClient.connect();
     const sessionId = await client.identify("bad-user");
-    await post("bad", "bad-user", "kept 1");
-    await client.waitFor(() => client.messageSeqs().length === 1, "first");
-    client.send("{not json");
+    await post(guildId, "bad-user", "kept 1");
+    await client.waitFor(() => client.messageSeqs(guildId).length === 1, "first");
+    const sent = client.dispatches().at(-1)!.s!;
+    client.send(frame);
     await client.waitFor(() => client.closed, "close");
-    expect(client.closed!.code).toBe(4002);
-    await post("bad", "bad-user", "kept 2");
+    expect(client.closed!.code).toBe(code);
+    await post(guildId, "bad-user", "kept 2");
 
     const resumed = await TestClient.connect();
     await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
-    resumed.send({ op: 6, d: { token: await token("bad-user"), session_id: sessionId, seq: 2 } });
+    resumed.send({ op: 6, d: { token: await token("bad-user"), session_id: sessionId, seq: sent } });
+    await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    expect(resumed.messageSeqs(guildId)).toEqual([2]);
+    const history = await (await api("GET", `/api/guilds/${guildId}/messages`, "bad-user")).json<{ content: string }[]>();
+    expect(history.map((m) => m.content)).toEqual(["kept 1", "kept 2"]);
+  });
+
+  it("discards frames already on their way when it closed the socket: a RESUME behind a refused frame takes nothing", async () => {
+    await addMember("late-frame", "late-user");
+    const first = await TestClient.connect();
+    const sessionId = await first.identify("late-user");
+    await post("late-frame", "late-user", "one");
+    await first.waitFor(() => first.messageSeqs().length === 1, "one");
+    first.ws.close(4000, "network dropped");
+    const resume = { op: 6, d: { token: await token("late-user"), session_id: sessionId, seq: 2 } };
+
+    const refused = await TestClient.connect();
+    await refused.waitFor(() => refused.frames.find((f) => f.op === 10), "HELLO");
+    refused.send({ op: 11 }); // server-only, before IDENTIFY: 4003, and this object is wiped
+    refused.send(resume); // already sent when the server closes
+    await refused.waitFor(() => refused.closed, "close");
+    expect(refused.closed!.code).toBe(4003);
+    expect(refused.dispatches()).toEqual([]);
+
+    await post("late-frame", "late-user", "two");
+    const resumed = await TestClient.connect();
+    await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
+    resumed.send(resume);
     await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
     expect(resumed.messageSeqs()).toEqual([2]);
-    const history = await (await api("GET", "/api/guilds/bad/messages", "bad-user")).json<{ content: string }[]>();
-    expect(history.map((m) => m.content)).toEqual(["kept 1", "kept 2"]);
   });
 });
 

@@ -6,6 +6,7 @@ import { type HandleOptions, type Incoming, handle, normalize } from "../transpo
 import { FanoutCheckpoint, type OldestPending, oldestPending, seqRange } from "./checkpoint.ts";
 import { type DeliveryConfig, type RelayStub, type SessionStub, deliveryConfig, relayFanoutOptions, sessionFanoutOptions } from "./delivery.ts";
 import { CONTENT_RULE, type GuildEvent, type GuildResult, type Subscription, fail, isValidContent, messageCreateEvent, ok } from "./events.ts";
+import { DropNotices } from "./drop-notices.ts";
 import { Fanout } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
 import type { RelayAssignment, Released } from "./relay.ts";
@@ -70,6 +71,8 @@ export class Guild extends DurableObject<Env> {
   private syncing = 0;
   /** How far the fanout got, so a restart resends what was only queued in memory. */
   private readonly checkpoint: FanoutCheckpoint;
+  /** Sessions dropped while they may be alive, to be told so they subscribe again. */
+  private readonly dropNotices: DropNotices;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -90,6 +93,7 @@ export class Guild extends DurableObject<Env> {
     this.relayCount = Number(this.meta("relay_count") ?? 0);
     this.lastSeq = this.sql.exec<{ seq: number | null }>("SELECT MAX(seq) AS seq FROM messages").one().seq ?? 0;
     this.checkpoint = new FanoutCheckpoint(this.sql, ctx.storage);
+    this.dropNotices = new DropNotices(this.sql, ctx, env.SESSION, () => this.guildId!);
     this.sessions = new Fanout<SessionStub>(
       sessionFanoutOptions({
         env,
@@ -242,25 +246,13 @@ export class Guild extends DurableObject<Env> {
 
   /**
    * Deliveries to a session kept failing (here or on its relay), or it answered that it has
-   * ended: forget it. One that may still be alive is told, so it can subscribe again; otherwise
-   * it would sit connected, never hearing from this guild again.
+   * ended: forget it. One that may still be alive is told (unless its relay tells it), so it
+   * can subscribe again.
    */
-  async dropSession(sessionId: string, target: string, ended: boolean): Promise<void> {
+  async dropSession(sessionId: string, target: string, ended: boolean, toldByRelay = false): Promise<void> {
     if (this.subscribers.get(sessionId)?.target !== target) return; // re-targeted since (a RESUME)
-    if (!ended) this.ctx.waitUntil(this.tellDropped(target));
+    if (!ended && !toldByRelay) this.dropNotices.owe(target);
     await this.forget(sessionId);
-  }
-
-  /** Best effort, a few times over ~10 s: what made deliveries fail may still be passing. */
-  private async tellDropped(target: string): Promise<void> {
-    for (const delayMs of [1000, 3000, 6000]) {
-      await scheduler.wait(delayMs);
-      try {
-        return await this.env.SESSION.get(this.env.SESSION.idFromString(target)).guildDropped(this.guildId!);
-      } catch (error) {
-        console.warn(`guild ${this.guildId}: could not tell session ${target} it was dropped:`, error);
-      }
-    }
   }
 
   /** Events after `after` (at most `limit`), for a relay resending what its restart lost. */

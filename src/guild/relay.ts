@@ -5,6 +5,7 @@ import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type Incoming, contextFromCarrier, normalize } from "../transport/index.ts";
 import { FanoutCheckpoint, oldestPending, seqRange } from "./checkpoint.ts";
 import { type DeliveryConfig, type SessionStub, deliveryConfig, sessionFanoutOptions } from "./delivery.ts";
+import { DropNotices } from "./drop-notices.ts";
 import type { GuildEvent, Subscription } from "./events.ts";
 import { Fanout } from "./fanout.ts";
 import { publishEvent } from "./publish.ts";
@@ -33,6 +34,8 @@ export class Relay extends DurableObject<Env> {
   private readonly fanout: Fanout<SessionStub>;
   /** How far the fanout got, so a restart resends what was only queued in memory. */
   private readonly checkpoint: FanoutCheckpoint;
+  /** Sessions dropped while they may be alive, to be told so they subscribe again. */
+  private readonly dropNotices: DropNotices;
   private guildId = "";
 
   constructor(ctx: DurableObjectState, env: Env) {
@@ -46,6 +49,7 @@ export class Relay extends DurableObject<Env> {
     `);
     this.guildId = this.sql.exec<{ value: string }>("SELECT value FROM meta WHERE key = 'guild_id'").toArray()[0]?.value ?? "";
     this.checkpoint = new FanoutCheckpoint(this.sql, ctx.storage);
+    this.dropNotices = new DropNotices(this.sql, ctx, env.SESSION, () => this.guildId);
     this.fanout = new Fanout<SessionStub>(
       sessionFanoutOptions({
         env,
@@ -55,8 +59,12 @@ export class Relay extends DurableObject<Env> {
         guildId: () => this.guildId,
         drop: (recipient, ended) => {
           this.sql.exec("DELETE FROM members WHERE session_id = ?", recipient.id);
-          // The guild forgets it too, and tells it if it may still be alive.
-          this.ctx.waitUntil(this.guild().dropSession(recipient.id, recipient.target, ended).catch(() => undefined));
+          // Told from here, until it answers, rather than through the guild: a guild that cannot
+          // be reached now must not leave a live session unsubscribed for good. Subscribing again
+          // puts it back in the guild and on this relay.
+          if (!ended) this.dropNotices.owe(recipient.target);
+          // The guild forgets it too (if this fails, the session's subscribing again corrects it).
+          this.ctx.waitUntil(this.guild().dropSession(recipient.id, recipient.target, ended, true).catch(() => undefined));
         },
         idle: () => this.checkpoint.progress(this.fanout.drained ? undefined : null), // the alarm scans
       }),
@@ -92,7 +100,8 @@ export class Relay extends DurableObject<Env> {
       );
       const existing = this.fanout.get(sessionId);
       if (existing?.target === target && backlog.length === 0) continue;
-      this.fanout.add(sessionId, userId, target, [...(existing?.queue ?? []), ...backlog]);
+      // In flight too, as above: re-adding abandons the RPC under way.
+      this.fanout.add(sessionId, userId, target, [...(existing?.batch ?? []), ...(existing?.queue ?? []), ...backlog]);
     }
     // Backlogs moved here are this relay's to deliver now: owed until handed over, even if older than what it has.
     const moved = seqRange(add.flatMap((a) => a.backlog));

@@ -306,6 +306,29 @@ describe("fanout to sessions that fail or have ended", () => {
     expect(victim.closed).toBeNull();
   }, 20_000);
 
+  it("a session dropped just before its guild restarts is still told, once the guild is back", async () => {
+    const guildId = "drop-then-restart";
+    await addMember(guildId, "dr-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("dr-user");
+    await post(guildId, "dr-user", "m1");
+    await client.waitFor(() => client.messageSeqs().length === 1, "m1");
+    const restore = await patchMethod(sessionStub(sessionId), "deliver", async () => {
+      throw new Error("session overloaded");
+    });
+    try {
+      await post(guildId, "dr-user", "m2");
+      await eventually(async () => (await fanoutSessions(guildId)) === 0, "the guild dropping the session");
+    } finally {
+      restore();
+    }
+    // A deploy or crash before the notice went out (it waits a second first).
+    await runInDurableObject(guildStub(guildId), (_guild, state) => state.abort("restart")).catch(() => undefined);
+    await post(guildId, "dr-user", "m3"); // wakes the guild, which still owes the notice
+    await client.waitFor(() => client.messageSeqs().length === 3, "m2 and m3, once told", 8000);
+    expect(client.messageSeqs()).toEqual([1, 2, 3]);
+  });
+
   it("a session that ended but could not unsubscribe is forgotten by the guild and the user directory when it answers that it has ended", async () => {
     const guildId = "ended-session";
     await addMember(guildId, "end-user");

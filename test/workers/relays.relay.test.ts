@@ -243,6 +243,90 @@ describe("relays that fail or are slow", () => {
     }
   });
 
+  /** Sessions of users `${prefix}-0…`, with their ids, and the relay serving the first. */
+  async function identifiedMany(guildId: string, prefix: string, count: number) {
+    const sessions: { client: TestClient; id: string; user: string }[] = [];
+    for (const i of range(count)) {
+      const user = `${prefix}-${i}`;
+      await addMember(guildId, user);
+      const client = await TestClient.connect();
+      sessions.push({ client, id: await client.identify(user), user });
+    }
+    const { relays } = await guildStub(guildId).fanoutState();
+    expect(relays).toBeGreaterThan(0);
+    let relayOfFirst = -1;
+    for (const i of range(relays)) {
+      const members = await runInDurableObject(relayStub(guildId, i), (_relay, state) =>
+        state.storage.sql.exec<{ session_id: string }>("SELECT session_id FROM members").toArray().map((r) => r.session_id),
+      );
+      if (members.includes(sessions[0]!.id)) relayOfFirst = i;
+    }
+    return { sessions, relays, relayOfFirst };
+  }
+  /** Makes `deliver` to one session object fail (or run `instead`) while the patch is on. */
+  const patchDeliverTo = (sessionId: string, instead: (args: unknown[], original: (...args: unknown[]) => unknown) => Promise<unknown>) =>
+    patchMethod(env.SESSION.get(env.SESSION.idFromString(sessionId)), "deliver", async (self, original, args) => {
+      const id = (self as unknown as { ctx: DurableObjectState }).ctx.id.toString();
+      return id === sessionId ? instead(args, original) : original(...args);
+    });
+
+  it("a session its relay dropped is told by the relay, even when the guild cannot be told, and misses nothing", async () => {
+    const guildId = "relay-drop-notice";
+    const { sessions, relays } = await identifiedMany(guildId, "rd", 5);
+    const victim = sessions[0]!;
+    const served = async () => (await Promise.all(range(relays).map((i) => relayStub(guildId, i).sessionCount()))).reduce((a, b) => a + b, 0);
+    const before = await served();
+    const restoreDeliver = await patchDeliverTo(victim.id, async () => {
+      throw new Error("session overloaded");
+    });
+    const restoreDrop = await patchMethod(guildStub(guildId), "dropSession", async () => {
+      throw new Error("guild overloaded");
+    });
+    try {
+      await post(guildId, "rd-1", "m1");
+      await eventually(async () => (await served()) === before - 1, "the relay dropping the victim");
+    } finally {
+      restoreDeliver();
+      restoreDrop();
+    }
+    await post(guildId, "rd-1", "m2");
+    for (const { client } of sessions) {
+      await client.waitFor(() => client.messageSeqs().length === 2, "m1 and m2", 8000);
+      expect(client.messageSeqs()).toEqual([1, 2]);
+    }
+    expect(await served()).toBe(before);
+  });
+
+  it("a backlog moved onto a relay for a session it is already sending to keeps the RPC in flight, which is retried if it fails", async () => {
+    const guildId = "relay-assign-in-flight";
+    const { sessions, relayOfFirst } = await identifiedMany(guildId, "ra", 5);
+    const victim = sessions[0]!;
+    await post(guildId, "ra-1", "m1");
+    await victim.client.waitFor(() => victim.client.messageSeqs().length === 1, "m1");
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    let held = 0;
+    const restore = await patchDeliverTo(victim.id, async (args, original) => {
+      if (!JSON.stringify(args[0]).includes("m2")) return original(...args);
+      if (held++ > 0) return original(...args);
+      await released;
+      throw new Error("transient failure"); // the first attempt at m2 fails
+    });
+    try {
+      await post(guildId, "ra-1", "m2");
+      await eventually(() => held === 1, "m2 in flight to the victim");
+      // As relays doubling does: the guild moves the session here again with an (older) backlog.
+      const history = await (await SELF.fetch(`http://gateway.test/api/guilds/${guildId}/messages`, { headers: { Authorization: `Bearer ${await token("ra-1")}` } })).json<object[]>();
+      const m1 = { type: "MESSAGE_CREATE" as const, seq: 1, data: JSON.stringify(history[0]) };
+      await relayStub(guildId, relayOfFirst).assign(guildId, [{ sessionId: victim.id, userId: victim.user, target: victim.id, backlog: [m1] }], []);
+      release();
+      await victim.client.waitFor(() => victim.client.messageSeqs().length === 2, "m2, retried", 5000);
+    } finally {
+      restore();
+    }
+    expect(victim.client.messageSeqs()).toEqual([1, 2]);
+  });
+
   it("when relays double, events still queued for or in flight to the old ones reach every session", async () => {
     const guildId = "relay-doubling";
     const clients = await joinMany(guildId, "dbl", 9);

@@ -1,5 +1,6 @@
 import { DurableObject } from "cloudflare:workers";
 import type { Env } from "../env.ts";
+import type { Session } from "../session/session.ts";
 
 /**
  * One per user: which guilds the user belongs to (so READY can list them) and which sessions
@@ -46,17 +47,48 @@ export class User extends DurableObject<Env> {
     await this.notifySessions((session) => session.guildRemoved(guildId));
   }
 
-  private async notifySessions(notify: (session: DurableObjectStub<import("../session/session.ts").Session>) => Promise<{ gone?: true }>): Promise<void> {
+  /**
+   * Tells every live session. One that answers it has ended is forgotten; one that cannot be
+   * reached is tried again in the background (the change is not held up), and forgotten only
+   * if it stays unreachable: forgetting a live session at the first error would leave it out
+   * of every later membership change. Out-of-order arrivals are harmless: the session asks the
+   * guild, which knows the membership as it is now.
+   */
+  private async notifySessions(notify: Notify): Promise<void> {
     const sessions = this.sql.exec<{ session_id: string; target: string }>("SELECT session_id, target FROM sessions").toArray();
     await Promise.all(
       sessions.map(async ({ session_id, target }) => {
-        // A session that answers it has ended, or cannot be reached, ended without detaching: forget it.
-        const gone = await notify(this.env.SESSION.get(this.env.SESSION.idFromString(target))).then(
-          (answer) => answer.gone === true,
-          (error: unknown) => (console.warn(`user directory: session ${session_id} unreachable, forgetting it:`, error), true),
-        );
-        if (gone) this.sql.exec("DELETE FROM sessions WHERE session_id = ? AND target = ?", session_id, target);
+        const answer = await this.tell(target, notify);
+        if (answer === "unreachable") this.ctx.waitUntil(this.retry(session_id, target, notify));
+        else if (answer === "gone") this.forget(session_id, target);
       }),
     );
   }
+
+  private async retry(sessionId: string, target: string, notify: Notify): Promise<void> {
+    for (const delayMs of RETRY_DELAYS_MS) {
+      await scheduler.wait(delayMs);
+      const answer = await this.tell(target, notify);
+      if (answer === "told") return;
+      if (answer === "gone") break;
+    }
+    console.warn(`user directory: forgetting session ${sessionId}, which has ended or stayed unreachable`);
+    this.forget(sessionId, target);
+  }
+
+  private tell(target: string, notify: Notify): Promise<"told" | "gone" | "unreachable"> {
+    return notify(this.env.SESSION.get(this.env.SESSION.idFromString(target))).then(
+      (answer) => (answer.gone === true ? "gone" : "told"),
+      (error: unknown) => (console.warn(`user directory: session ${target} unreachable:`, error), "unreachable"),
+    );
+  }
+
+  private forget(sessionId: string, target: string): void {
+    this.sql.exec("DELETE FROM sessions WHERE session_id = ? AND target = ?", sessionId, target);
+  }
 }
+
+type Notify = (session: DurableObjectStub<Session>) => Promise<{ gone?: true }>;
+
+/** Waits before each retry of a membership change to a session that could not be reached. */
+const RETRY_DELAYS_MS = [1000, 3000, 6000];

@@ -329,6 +329,30 @@ describe("fanout to sessions that fail or have ended", () => {
     expect(client.messageSeqs()).toEqual([1, 2, 3]);
   });
 
+  it("a session that cannot be told of a guild joined at first is told again, and still hears of later changes", async () => {
+    await addMember("notify-home", "nt-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("nt-user");
+    let failures = 0;
+    const restore = await patchMethod(sessionStub(sessionId), "guildAdded", (_self, original, args) => {
+      if (failures++ === 0) throw new Error("session overloaded");
+      return original(...args);
+    });
+    try {
+      await addMember("notify-b", "nt-user"); // the first GUILD_CREATE attempt fails
+      expect(failures).toBe(1);
+      await client.waitFor(() => client.dispatches("GUILD_CREATE").length === 1, "GUILD_CREATE, on a retry", 5000);
+    } finally {
+      restore();
+    }
+    await addMember("notify-c", "nt-user");
+    await client.waitFor(() => client.dispatches("GUILD_CREATE").length === 2, "the next GUILD_CREATE");
+    expect(client.dispatches("GUILD_CREATE").map((f) => (f.d as { id: string }).id)).toEqual(["notify-b", "notify-c"]);
+    expect(await userSessions("nt-user")).toEqual([sessionId]);
+    await post("notify-b", "nt-user", "in b");
+    await client.waitFor(() => client.messageSeqs("notify-b").length === 1, "a message in the guild joined");
+  });
+
   it("a session that ended but could not unsubscribe is forgotten by the guild and the user directory when it answers that it has ended", async () => {
     const guildId = "ended-session";
     await addMember(guildId, "end-user");

@@ -282,12 +282,16 @@ export class Fanout<Stub> {
         recipient.stub = undefined; // a stub that threw is broken; the next send makes a new one
         recipient.failures++;
         if (this.options.drop && (recipient.failures >= this.maxAttempts || error instanceof RecipientGone)) {
-          if (this.isCurrent(recipient)) {
-            this.remove(recipient.id);
-            this.options.drop(recipient, error);
+          try {
+            if (this.isCurrent(recipient)) {
+              this.remove(recipient.id);
+              this.options.drop(recipient, error);
+            }
+          } finally {
+            // Even if the owner's drop threw (a storage write), the slot is freed.
+            recipient.batch = [];
+            this.finish(recipient);
           }
-          recipient.batch = [];
-          this.finish(recipient);
           return;
         }
         // Put the batch back in front of anything queued since, then retry after a pause;
@@ -302,7 +306,7 @@ export class Fanout<Stub> {
           if (this.isCurrent(recipient)) this.schedule(recipient);
         }, this.retryDelayMs(recipient.failures));
       },
-    );
+    ).catch((error: unknown) => console.error("fanout: an owner's hook failed after an RPC settled:", error));
   }
 
   private finish(recipient: Recipient<Stub>): void {

@@ -236,6 +236,28 @@ describe("Fanout", () => {
     expect(h.fanout.get("dead")).toBeUndefined();
   });
 
+  it("frees the slot of a dropped recipient even when the owner's drop hook throws", async () => {
+    const sent: string[] = [];
+    const fanout = new Fanout<unknown>({
+      maxInFlight: 1,
+      maxAttempts: 1,
+      send: async (recipient) => {
+        if (recipient.id === "dead") throw new Error("unreachable");
+        sent.push(recipient.id);
+      },
+      drop: () => {
+        throw new Error("storage write failed");
+      },
+    });
+    fanout.add("dead", "dead", "dead");
+    fanout.add("ok", "ok", "ok");
+    fanout.publish(() => event(1));
+    for (let i = 0; i < 50 && fanout.busy; i++) await new Promise((r) => setTimeout(r, 2));
+    expect(sent).toEqual(["ok"]);
+    expect(fanout.busy).toBe(false);
+    expect(fanout.get("dead")).toBeUndefined();
+  });
+
   it("abandons the queue of a replaced recipient", async () => {
     const h = harness(5);
     h.fanout.add("s1", "u1", "old");

@@ -163,6 +163,9 @@ export class Guild extends DurableObject<Env> {
     if (recovery) await recovery;
     // A guild whose fanout has fallen behind makes posters wait rather than queue without bound.
     await (this.relayCount > 0 ? this.relays : this.sessions).admit();
+    // A relay sync that failed while this post waited left relays without their sessions: this
+    // message must not reach them before they know them again.
+    if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
     let naiveSends: Promise<void> | undefined;
     const result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
       this.timings.time("message_create", () => {

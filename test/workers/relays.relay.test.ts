@@ -327,6 +327,35 @@ describe("relays that fail or are slow", () => {
     expect(victim.client.messageSeqs()).toEqual([1, 2]);
   });
 
+  it("a post that waited for admission while a relay sync failed reaches every session, with no later message", async () => {
+    const guildId = "relay-sync-fails-while-waiting";
+    const clients = await joinMany(guildId, "sw", 5);
+    const { relays } = await guildStub(guildId).fanoutState();
+    await post(guildId, "sw-0", "m1");
+    for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "m1");
+    // The next post waits in admission… (its promise lives in the guild: it is settled from there)
+    type Internals = { relaysSynced: boolean; relays: { admit?(): Promise<void> | undefined }; letIn?: () => void };
+    await runInDurableObject(guildStub(guildId), (guild) => {
+      const internals = guild as unknown as Internals;
+      internals.relays.admit = () => new Promise<void>((resolve) => (internals.letIn = resolve));
+    });
+    const waiting = post(guildId, "sw-0", "m2");
+    await eventually(() => runInDurableObject(guildStub(guildId), (guild) => (guild as unknown as Internals).letIn !== undefined), "the post waiting for admission");
+    // …while a relay sync fails: relays lost their sessions, and the guild knows it must sync them.
+    for (const i of range(relays)) await relayStub(guildId, i).assign(guildId, [], [], true);
+    await runInDurableObject(guildStub(guildId), (guild) => {
+      const internals = guild as unknown as Internals;
+      internals.relaysSynced = false;
+      delete internals.relays.admit; // the prototype's again
+      internals.letIn!();
+    });
+    await waiting;
+    for (const client of clients) {
+      await client.waitFor(() => client.messageSeqs().length === 2, "m2", 5000);
+      expect(client.messageSeqs()).toEqual([1, 2]);
+    }
+  });
+
   it("when relays double, events still queued for or in flight to the old ones reach every session", async () => {
     const guildId = "relay-doubling";
     const clients = await joinMany(guildId, "dbl", 9);

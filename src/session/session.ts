@@ -84,7 +84,7 @@ function outcomeOf(): Outcome {
 /**
  * One gateway connection: its WebSocket (hibernation API), the Discord-style protocol, and a
  * resume buffer. Everything that must survive hibernation or eviction lives in SQLite storage;
- * memory holds only a cache of it and the frame rate counter.
+ * memory holds only a cache of it (the frame rate counter rides with the socket).
  */
 export class Session extends DurableObject<Env> {
   private readonly sql: SqlStorage;
@@ -95,8 +95,6 @@ export class Session extends DurableObject<Env> {
    * order is the order of arrival and a session ends only between tasks.
    */
   private serial: Promise<unknown> = Promise.resolve();
-  private frameWindowStart = 0;
-  private framesInWindow = 0;
   /** Delivery spans (only for events that arrive with a sampled carrier) and their export. */
   private readonly traced: HandleOptions;
   private readonly telemetry: Telemetry;
@@ -149,7 +147,7 @@ export class Session extends DurableObject<Env> {
     // object) are discarded, as RFC 6455 has it once a Close is sent. (Frames the client sent
     // before closing it itself are still handled.)
     if (closedHere.has(ws) || this.state.status === "ended") return;
-    if (!this.withinRateLimit()) return this.close(ws, CloseCode.RATE_LIMITED, "too many frames");
+    if (!withinRateLimit(ws)) return this.close(ws, CloseCode.RATE_LIMITED, "too many frames");
     const parsed = parseClientFrame(data);
     const authenticated = HOLDING.has(this.state.status);
     if (!parsed.ok) {
@@ -582,15 +580,6 @@ export class Session extends DurableObject<Env> {
     if (at > 0) void this.ctx.storage.setAlarm(at);
   }
 
-  private withinRateLimit(): boolean {
-    const now = Date.now();
-    if (now - this.frameWindowStart >= RATE_LIMIT_WINDOW_MS) {
-      this.frameWindowStart = now;
-      this.framesInWindow = 0;
-    }
-    return ++this.framesInWindow <= RATE_LIMIT_FRAMES;
-  }
-
   private setState(patch: Partial<State>): void {
     this.state = { ...this.state, ...patch };
     this.sql.exec("INSERT OR REPLACE INTO state (id, data) VALUES (0, ?)", JSON.stringify(this.state));
@@ -649,6 +638,21 @@ export class Session extends DurableObject<Env> {
       return null; // not an id this namespace could have made
     }
   }
+}
+
+/** Frames a client sent in the current window, kept with its socket so hibernation does not reset the count. */
+interface FrameWindow {
+  start: number;
+  frames: number;
+}
+
+function withinRateLimit(ws: WebSocket): boolean {
+  const now = Date.now();
+  let window = ws.deserializeAttachment() as FrameWindow | null;
+  if (!window || now - window.start >= RATE_LIMIT_WINDOW_MS) window = { start: now, frames: 0 };
+  window.frames++;
+  ws.serializeAttachment(window);
+  return window.frames <= RATE_LIMIT_FRAMES;
 }
 
 /** Sockets this side has closed. */

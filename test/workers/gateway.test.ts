@@ -405,6 +405,23 @@ describe("bad input", () => {
     expect(history.map((m) => m.content)).toEqual(["kept 1", "kept 2"]);
   });
 
+  it("counts frames across hibernation: the 121st in a minute closes with 4008", async () => {
+    await addMember("rate-hibernate", "rh-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("rh-user"); // frame 1
+    const acks = () => client.frames.filter((f) => f.op === 11).length;
+    for (const round of [1, 2]) {
+      for (let i = 0; i < 59; i++) client.send({ op: 1, d: null });
+      await client.waitFor(() => acks() === 59 * round, "heartbeat ACKs");
+      await evictDurableObject(sessionStub(sessionId), { webSockets: "hibernate" });
+    }
+    client.send({ op: 1, d: null }); // frame 120: still fine
+    await client.waitFor(() => acks() === 119, "the 120th frame's ACK");
+    client.send({ op: 1, d: null });
+    await client.waitFor(() => client.closed, "close");
+    expect(client.closed!.code).toBe(4008);
+  });
+
   it("discards frames already on their way when it closed the socket: a RESUME behind a refused frame takes nothing", async () => {
     await addMember("late-frame", "late-user");
     const first = await TestClient.connect();

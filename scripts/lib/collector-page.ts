@@ -138,7 +138,7 @@ export function renderListPage(traces: TraceSummary[], options: { endpoint: stri
 </tr>`;
   });
   const empty = `<div class="empty"><p>No traces yet.</p><p>Send OTLP/HTTP (JSON or protobuf) to <code>${escape(options.endpoint)}/v1/traces</code> —
-with <code>npm start</code> the gateway does, as <code>OTEL_EXPORTER_OTLP_ENDPOINT</code> in wrangler.toml points here. Post a message to a guild and reload.</p></div>`;
+with <code>npm start</code> the gateway does, as <code>OTEL_EXPORTER_OTLP_ENDPOINT</code> in <code>.dev.vars</code> points here. Post a message to a guild and reload.</p></div>`;
   const body = `<section class="list">
 <div class="toolbar"><h1>Recent traces <span class="muted">(${traces.length})</span></h1>
 <input id="filter" type="search" placeholder="filter by name, service or trace id" aria-label="filter traces">

@@ -18,14 +18,23 @@ export function incomingTraceContext(request: Request): Context | null | undefin
   return isValidTraceparent(traceparent) ? null : undefined;
 }
 
-/** `/api/guilds/g1/messages` → `/api/guilds/{guild_id}/messages`, for low-cardinality span names. */
-export function routeTemplate(pathname: string): string {
-  const parts = pathname.split("/");
-  if (parts[1] === "api" && parts[2] === "guilds") {
-    if (parts[3]) parts[3] = "{guild_id}";
-    if (parts[4] === "members" && parts[5]) parts[5] = "{user_id}";
+/**
+ * `/api/guilds/g1/messages` → `/api/guilds/{guild_id}/messages`, for low-cardinality span names;
+ * `undefined` for a path no route serves (its span is named by the method alone, as OpenTelemetry
+ * advises, so made-up paths cannot make up span names).
+ */
+export function routeTemplate(pathname: string): string | undefined {
+  const [api, area, id, what, userId, ...rest] = pathname.split("/").filter(Boolean);
+  if (api !== "api" || rest.length > 0) return undefined;
+  if (area === "dev") {
+    if (id === "token" && what === undefined) return "/api/dev/token";
+    if (id === "bench-room" && what !== undefined && userId === undefined) return "/api/dev/bench-room/{room_id}";
+    return undefined;
   }
-  return parts.join("/");
+  if (area !== "guilds" || id === undefined) return undefined;
+  if (what === "members" && userId !== undefined) return "/api/guilds/{guild_id}/members/{user_id}";
+  if ((what === "messages" || what === "timings") && userId === undefined) return `/api/guilds/{guild_id}/${what}`;
+  return undefined;
 }
 
 /**
@@ -44,10 +53,10 @@ export async function withServerSpan(
   const route = routeTemplate(url.pathname);
   const parentContext = parent ?? ROOT_CONTEXT;
   const span: Span = telemetry.tracer.startSpan(
-    `${request.method} ${route}`,
+    route ? `${request.method} ${route}` : request.method,
     {
       kind: SpanKind.SERVER,
-      attributes: { "http.request.method": request.method, "http.route": route, "url.path": url.pathname },
+      attributes: { "http.request.method": request.method, "url.path": url.pathname, ...(route ? { "http.route": route } : {}) },
     },
     parentContext,
   );

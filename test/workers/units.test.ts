@@ -7,6 +7,7 @@ import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { signToken, verifyToken } from "../../src/api/auth.ts";
 import { handleRequest } from "../../src/api/routes.ts";
+import { routeTemplate } from "../../src/api/tracing.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
 import { CloseCode } from "../../src/gateway/protocol.ts";
 import type { GuildEvent } from "../../src/guild/events.ts";
@@ -42,6 +43,19 @@ describe("tokens", () => {
     const exp = Math.floor(Date.now() / 1000) + 60;
     expect(await verifyToken(SECRET, await signToken(SECRET, { sub: "bad id!", role: "user", exp }))).toBeNull();
     expect(await verifyToken(SECRET, await signToken(SECRET, { sub: "u1", role: "root" as "admin", exp }))).toBeNull();
+  });
+});
+
+describe("routeTemplate (the API's span names)", () => {
+  it("names every route by its template, and no made-up path at all", () => {
+    expect(routeTemplate("/api/guilds/g1/messages")).toBe("/api/guilds/{guild_id}/messages");
+    expect(routeTemplate("/api/guilds/g1/timings/")).toBe("/api/guilds/{guild_id}/timings");
+    expect(routeTemplate("/api/guilds/g1/members/u1")).toBe("/api/guilds/{guild_id}/members/{user_id}");
+    expect(routeTemplate("/api/dev/token")).toBe("/api/dev/token");
+    expect(routeTemplate("/api/dev/bench-room/r1")).toBe("/api/dev/bench-room/{room_id}");
+    for (const path of ["/api/anything-at-all-1234", "/api/guilds/g1/x7f3", "/api/guilds/g1/messages/extra", "/api/dev/x", "/api", "/gateway"]) {
+      expect(routeTemplate(path), path).toBeUndefined();
+    }
   });
 });
 

@@ -1,5 +1,6 @@
 import type { Env } from "../env.ts";
 import { isDevelopment } from "../env.ts";
+import { deliveryConfig } from "../guild/delivery.ts";
 import { CONTENT_RULE, type GuildResult, isValidContent } from "../guild/events.ts";
 import { call, parseTransportMode } from "../transport/index.ts";
 import { type Claims, DEFAULT_TOKEN_TTL_SECONDS, authSecret, isValidId, signToken, verifyToken } from "./auth.ts";
@@ -16,12 +17,19 @@ export async function handleRequest(request: Request, env: Env, ctx: ExecutionCo
   let telemetry: Telemetry;
   try {
     telemetry = telemetryFor("guildwire-api", env);
+    // The objects refuse to start on a bad fanout or transport setting; name it here instead of
+    // answering internal_error for every request they would have served.
+    if (!checkedSettings.has(env)) deliveryConfig(env);
+    checkedSettings.add(env);
   } catch (error) {
-    // A bad tracing setting (TRACE_SAMPLE_RATE, OTEL_EXPORTER_OTLP_TIMEOUT): say so, don't crash.
+    // A bad setting (TRACE_SAMPLE_RATE, FANOUT_SAMPLING, RELAY_SIZE, …): say so, don't crash.
     return errorResponse(new HttpError(500, "server_misconfigured", error instanceof Error ? error.message : String(error)));
   }
   return withServerSpan(request, telemetry, (promise) => ctx.waitUntil(promise), () => respond(request, env));
 }
+
+/** Environments whose fanout and transport settings parsed (the Worker's env lives as long as its isolate). */
+const checkedSettings = new WeakSet<Env>();
 
 async function respond(request: Request, env: Env): Promise<Response> {
   try {
@@ -51,7 +59,12 @@ async function route(request: Request, env: Env): Promise<Response> {
     // The benchmark's single-object reference: GET upgrades to a socket, POST broadcasts.
     if (path[2] === "bench-room" && path.length === 4 && isValidId(path[3])) {
       allow(method, ["GET", "POST"]);
-      return env.BROADCAST_ROOM.get(env.BROADCAST_ROOM.idFromName(path[3])).fetch(request);
+      const room = env.BROADCAST_ROOM.get(env.BROADCAST_ROOM.idFromName(path[3]));
+      if (method === "GET") return room.fetch(request);
+      // Read (size-capped) and checked here, like any other body, before the room sees it.
+      const { content } = await readJsonObject(request);
+      if (!isValidContent(content)) throw new HttpError(400, "invalid_content", CONTENT_RULE);
+      return room.fetch(request.url, { method: "POST", body: JSON.stringify({ content }) });
     }
   }
 
@@ -121,7 +134,7 @@ async function issueDevToken(request: Request, env: Env): Promise<Response> {
 
 function requireSecret(env: Env): string {
   const secret = authSecret(env);
-  if (!secret) throw new HttpError(500, "server_misconfigured", "AUTH_SECRET is not set (use `wrangler secret put AUTH_SECRET`)");
+  if (!secret) throw new HttpError(500, "server_misconfigured", "AUTH_SECRET is not set or shorter than 16 characters (use `wrangler secret put AUTH_SECRET`)");
   return secret;
 }
 

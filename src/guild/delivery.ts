@@ -26,13 +26,22 @@ export function deliveryConfig(env: Env): DeliveryConfig {
   if (strategy !== "coalesce" && strategy !== "naive") throw new Error(`FANOUT_STRATEGY is "${strategy}"; expected coalesce or naive`);
   return {
     transportMode: parseTransportMode(env.TRANSPORT_MODE),
-    tiers: parseFanoutTiers(env.FANOUT_SAMPLING || DEFAULT_FANOUT_SAMPLING),
+    tiers: fanoutTiers(env.FANOUT_SAMPLING || DEFAULT_FANOUT_SAMPLING),
     relayThreshold: positiveIntegerVar("RELAY_THRESHOLD", env.RELAY_THRESHOLD, 1000),
     relaySize: positiveIntegerVar("RELAY_SIZE", env.RELAY_SIZE, 1000),
     maxInFlight: positiveIntegerVar("FANOUT_MAX_IN_FLIGHT", env.FANOUT_MAX_IN_FLIGHT, 64),
     maxBacklog: positiveIntegerVar("FANOUT_MAX_BACKLOG", env.FANOUT_MAX_BACKLOG, 32),
     strategy,
   };
+}
+
+/** FANOUT_SAMPLING, with the setting named when it is wrong (the parser knows nothing of settings). */
+function fanoutTiers(spec: string): FanoutTier[] {
+  try {
+    return parseFanoutTiers(spec);
+  } catch (error) {
+    throw new Error(`FANOUT_SAMPLING: ${error instanceof Error ? error.message : String(error)}`);
+  }
 }
 
 /** What a guild's or relay's fanouts share: one owner, one config, one telemetry. */

@@ -530,6 +530,11 @@ describe("guildwire over wrangler dev (development)", () => {
           expectError(await api.request("POST", "/api/dev/token", { json }), 400);
         }
         expectError(await api.request("POST", "/api/dev/token", { body: "{oops" }), 400);
+        // The benchmark's single-object room (development only) checks its body like any route.
+        const room = `/api/dev/bench-room/${uid("e400-room")}`;
+        expectError(await api.request("POST", room, { body: "{oops" }), 400);
+        expectError(await api.request("POST", room, { json: { content: 5 } }), 400);
+        expect((await api.request("POST", room, { json: { content: "hi" } })).status).toBe(201);
       },
       TEST_TIMEOUT,
     );

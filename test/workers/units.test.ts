@@ -403,11 +403,18 @@ describe("OTEL_EXPORTER_OTLP_TIMEOUT", () => {
   });
 });
 
-describe("a bad tracing setting", () => {
+describe("a bad setting", () => {
   it.each([
     ["TRACE_SAMPLE_RATE", "2"],
     ["OTEL_EXPORTER_OTLP_TIMEOUT", "10s"],
     ["OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318"],
+    ["TRANSPORT_MODE", "wrapped"],
+    ["FANOUT_SAMPLING", "100:2"],
+    ["FANOUT_STRATEGY", "fast"],
+    ["RELAY_THRESHOLD", "0"],
+    ["RELAY_SIZE", "lots"],
+    ["FANOUT_MAX_IN_FLIGHT", "-1"],
+    ["FANOUT_MAX_BACKLOG", "1.5"],
   ])("%s=%s: the API answers 500 server_misconfigured, naming the setting", async (name, value) => {
     const ctx = createExecutionContext();
     const response = await handleRequest(new Request("http://gateway.test/api/guilds/g/messages"), { ...env, [name]: value }, ctx);

@@ -78,6 +78,13 @@ export class TestClient {
     return (ready.d as { session_id: string }).session_id;
   }
 
+  /** RESUMEs `sessionId` on this connection from `seq`; waits for RESUMED. */
+  async resume(userId: string, sessionId: string, seq: number): Promise<void> {
+    await this.waitFor(() => this.frames.find((f) => f.op === 10), "HELLO");
+    this.send({ op: 6, d: { token: await token(userId), session_id: sessionId, seq } });
+    await this.waitFor(() => this.dispatches("RESUMED")[0], "RESUMED");
+  }
+
   messageSeqs(guildId?: string): number[] {
     return this.dispatches("MESSAGE_CREATE")
       .map((f) => f.d as { seq: number; guild_id: string })

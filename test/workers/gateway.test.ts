@@ -13,6 +13,16 @@ const userSessions = (userId: string) =>
 const sessionStatus = (sessionId: string) =>
   runInDurableObject(sessionStub(sessionId), (session: Session) => (session as unknown as { state: { status: string } }).state.status);
 
+/** A member's session in `guildId` that has received the guild's first message ("m1"). */
+async function sessionAfterFirstMessage(guildId: string, userId: string): Promise<{ client: TestClient; sessionId: string }> {
+  await addMember(guildId, userId);
+  const client = await TestClient.connect();
+  const sessionId = await client.identify(userId);
+  await post(guildId, userId, "m1");
+  await client.waitFor(() => client.messageSeqs(guildId).length === 1, "m1");
+  return { client, sessionId };
+}
+
 describe("sessions over real WebSockets in workerd", () => {
   it("keep working across hibernation: the socket stays open and state survives", async () => {
     await addMember("hib", "hib-user");
@@ -166,11 +176,7 @@ describe("gap fills that fail or come back short", () => {
 
   it("a RESUME after a delivery whose gap fill failed part-way still has the event dispatched before the gap", async () => {
     const guildId = "gap-fails";
-    await addMember(guildId, "gf-user");
-    const client = await TestClient.connect();
-    const sessionId = await client.identify("gf-user");
-    await post(guildId, "gf-user", "m1");
-    await client.waitFor(() => client.messageSeqs().length === 1, "m1");
+    const { client, sessionId } = await sessionAfterFirstMessage(guildId, "gf-user");
     const putBack = await missMessages(guildId, sessionId, "gf-user", ["m2", "m3", "m4"]);
     await putBack();
     const event = await eventsOf(guildId, "gf-user");
@@ -191,9 +197,7 @@ describe("gap fills that fail or come back short", () => {
     const lastS = client.dispatches().at(-1)!.s!;
     client.ws.close(4000, "network dropped");
     const resumed = await TestClient.connect();
-    await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
-    resumed.send({ op: 6, d: { token: await token("gf-user"), session_id: sessionId, seq: lastS } });
-    await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    await resumed.resume("gf-user", sessionId, lastS);
     await resumed.waitFor(() => resumed.messageSeqs().length === 2, "m3 and m4 after the RESUME");
     expect([...client.messageSeqs(), ...resumed.messageSeqs()]).toEqual([1, 2, 3, 4]);
     const s = [...client.dispatches(), ...resumed.dispatches()].map((f) => f.s);
@@ -202,11 +206,7 @@ describe("gap fills that fail or come back short", () => {
 
   it("an event after a gap the guild will not fill (it no longer lists the session) is left out, not dispatched past the gap", async () => {
     const guildId = "gap-short";
-    await addMember(guildId, "gs-user");
-    const client = await TestClient.connect();
-    const sessionId = await client.identify("gs-user");
-    await post(guildId, "gs-user", "m1");
-    await client.waitFor(() => client.messageSeqs().length === 1, "m1");
+    const { client, sessionId } = await sessionAfterFirstMessage(guildId, "gs-user");
     await missMessages(guildId, sessionId, "gs-user", ["m2", "m3"]);
     const event = await eventsOf(guildId, "gs-user");
     await guildStub(guildId).unsubscribe(sessionId);
@@ -308,11 +308,7 @@ describe("fanout to sessions that fail or have ended", () => {
 
   it("a session dropped just before its guild restarts is still told, once the guild is back", async () => {
     const guildId = "drop-then-restart";
-    await addMember(guildId, "dr-user");
-    const client = await TestClient.connect();
-    const sessionId = await client.identify("dr-user");
-    await post(guildId, "dr-user", "m1");
-    await client.waitFor(() => client.messageSeqs().length === 1, "m1");
+    const { client, sessionId } = await sessionAfterFirstMessage(guildId, "dr-user");
     const restore = await patchMethod(sessionStub(sessionId), "deliver", async () => {
       throw new Error("session overloaded");
     });
@@ -397,9 +393,7 @@ describe("bad input", () => {
     await post(guildId, "bad-user", "kept 2");
 
     const resumed = await TestClient.connect();
-    await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
-    resumed.send({ op: 6, d: { token: await token("bad-user"), session_id: sessionId, seq: sent } });
-    await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    await resumed.resume("bad-user", sessionId, sent);
     expect(resumed.messageSeqs(guildId)).toEqual([2]);
     const history = await (await api("GET", `/api/guilds/${guildId}/messages`, "bad-user")).json<{ content: string }[]>();
     expect(history.map((m) => m.content)).toEqual(["kept 1", "kept 2"]);
@@ -423,11 +417,7 @@ describe("bad input", () => {
   });
 
   it("discards frames already on their way when it closed the socket: a RESUME behind a refused frame takes nothing", async () => {
-    await addMember("late-frame", "late-user");
-    const first = await TestClient.connect();
-    const sessionId = await first.identify("late-user");
-    await post("late-frame", "late-user", "one");
-    await first.waitFor(() => first.messageSeqs().length === 1, "one");
+    const { client: first, sessionId } = await sessionAfterFirstMessage("late-frame", "late-user");
     first.ws.close(4000, "network dropped");
     const resume = { op: 6, d: { token: await token("late-user"), session_id: sessionId, seq: 2 } };
 
@@ -441,9 +431,7 @@ describe("bad input", () => {
 
     await post("late-frame", "late-user", "two");
     const resumed = await TestClient.connect();
-    await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
-    resumed.send(resume);
-    await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    await resumed.resume("late-user", sessionId, 2);
     expect(resumed.messageSeqs()).toEqual([2]);
   });
 });
@@ -521,9 +509,7 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
     });
 
     const resumed = await TestClient.connect();
-    await resumed.waitFor(() => resumed.frames.find((f) => f.op === 10), "HELLO");
-    resumed.send({ op: 6, d: { token: await token("ho-user"), session_id: sessionId, seq: 2 } });
-    await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    await resumed.resume("ho-user", sessionId, 2);
     expect(resumed.dispatches().map((f) => [f.t, (f.d as { id?: string } | null)?.id])).toEqual([
       ["GUILD_DELETE", "handoff-left"],
       ["GUILD_CREATE", "handoff-joined"],

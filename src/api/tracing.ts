@@ -24,6 +24,7 @@ export function incomingTraceContext(request: Request): Context | null | undefin
  * advises, so made-up paths cannot make up span names).
  */
 export function routeTemplate(pathname: string): string | undefined {
+  if (pathname === "/gateway") return pathname;
   const [api, area, id, what, userId, ...rest] = pathname.split("/").filter(Boolean);
   if (api !== "api" || rest.length > 0) return undefined;
   if (area === "dev") {

@@ -139,7 +139,8 @@ export class FanoutCheckpoint {
     this.progress(oldestPending()); // which keeps an alarm while anything is owed
   }
 
-  private arm(): void {
+  /** Keeps an alarm pending, set `FANOUT_CHECK_MS` from now unless one is (the owner's other alarm work uses it too). */
+  arm(): void {
     if (this.armed) return;
     this.armed = true;
     this.storage.setAlarm(Date.now() + FANOUT_CHECK_MS).catch((error: unknown) => {

@@ -93,7 +93,7 @@ export class Guild extends DurableObject<Env> {
     this.relayCount = Number(this.meta("relay_count") ?? 0);
     this.lastSeq = this.sql.exec<{ seq: number | null }>("SELECT MAX(seq) AS seq FROM messages").one().seq ?? 0;
     this.checkpoint = new FanoutCheckpoint(this.sql, ctx.storage);
-    this.dropNotices = new DropNotices(this.sql, ctx, env.SESSION, () => this.guildId!);
+    this.dropNotices = new DropNotices(this.sql, ctx, env.SESSION, () => this.guildId!, () => this.checkpoint.arm());
     this.sessions = new Fanout<SessionStub>(
       sessionFanoutOptions({
         env,
@@ -101,7 +101,8 @@ export class Guild extends DurableObject<Env> {
         config: this.config,
         telemetry: this.telemetry,
         guildId: () => this.guildId!,
-        drop: (recipient, ended) => void this.dropSession(recipient.id, recipient.target, ended),
+        drop: (recipient, ended) =>
+          void this.dropSession(recipient.id, recipient.target, ended).catch((error: unknown) => console.error(`guild ${this.guildId}: dropping session ${recipient.id} failed:`, error)),
         onSent: (ms) => this.timings.record("fanout_rpc", ms),
         idle: () => this.checkpoint.progress(this.drainedOrUnknown()),
       }),
@@ -155,17 +156,13 @@ export class Guild extends DurableObject<Env> {
     // to be told they are not a member, or are posting too fast.
     const refused = this.refusePost(normalize(incoming).message);
     if (refused) return refused;
-    // After a restart in relay mode, relays learn their sessions before the next event (awaited:
-    // no event may reach a relay before it knows its sessions).
-    if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
-    // After a restart, what the last instance had not handed over goes out before anything new.
-    const recovery = this.checkpoint.recover(this.resend);
-    if (recovery) await recovery;
+    const ready = this.readyToPublish();
+    if (ready) await ready;
     // A guild whose fanout has fallen behind makes posters wait rather than queue without bound.
     await (this.relayCount > 0 ? this.relays : this.sessions).admit();
-    // A relay sync that failed while this post waited left relays without their sessions: this
-    // message must not reach them before they know them again.
-    if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
+    // Again: a relay sync may have failed while this post waited.
+    const readyAgain = this.readyToPublish();
+    if (readyAgain) await readyAgain;
     let naiveSends: Promise<void> | undefined;
     const result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
       this.timings.time("message_create", () => {
@@ -197,6 +194,17 @@ export class Guild extends DurableObject<Env> {
     await naiveSends; // the naive baseline answers once every RPC is back, as a first version would
     this.telemetry.exportWhenDue(this.ctx, (this.relayCount > 0 ? this.relays : this.sessions).busy);
     return result;
+  }
+
+  /**
+   * What must happen before a new event goes out, if anything: relays learn their sessions
+   * (after a restart in relay mode, or a failed sync: no event may reach a relay before it knows
+   * its sessions), then what was lost is resent (after a restart or a failed sync), so it goes
+   * out before anything new rather than every session pulling it at once.
+   */
+  private readyToPublish(): Promise<void> | undefined {
+    if (this.relayCount > 0 && !this.relaysSynced) return this.syncRelays().then(() => this.checkpoint.recover(this.resend));
+    return this.checkpoint.recover(this.resend);
   }
 
   async history(guildId: string, userId: string, after: number, limit: number): Promise<GuildResult<Message[]>> {
@@ -248,14 +256,16 @@ export class Guild extends DurableObject<Env> {
   }
 
   /**
-   * Deliveries to a session kept failing (here or on its relay), or it answered that it has
-   * ended: forget it. One that may still be alive is told (unless its relay tells it), so it
-   * can subscribe again.
+   * Deliveries to a session kept failing, or it answered that it has ended (here or on its
+   * relay): forget it. One that may still be alive is told, so it can subscribe again.
    */
-  async dropSession(sessionId: string, target: string, ended: boolean, toldByRelay = false): Promise<void> {
+  async dropSession(sessionId: string, target: string, ended: boolean): Promise<void> {
     if (this.subscribers.get(sessionId)?.target !== target) return; // re-targeted since (a RESUME)
-    if (!ended && !toldByRelay) this.dropNotices.owe(target);
-    await this.forget(sessionId);
+    try {
+      await this.forget(sessionId);
+    } finally {
+      if (!ended) this.dropNotices.owe(target); // after forgetting it, so its subscribing again is not undone
+    }
   }
 
   /** Events after `after` (at most `limit`), for a relay resending what its restart lost. */
@@ -265,7 +275,11 @@ export class Guild extends DurableObject<Env> {
 
   /** Looks in on a fanout that stayed busy; after a restart, resends what it had not handed over. */
   override async alarm(): Promise<void> {
-    await this.checkpoint.alarm(this.resend, () => this.oldestPending());
+    try {
+      await this.checkpoint.alarm(this.resend, () => this.oldestPending());
+    } finally {
+      await this.dropNotices.alarm(); // after, so the alarm it keeps for notices still owed is not unset
+    }
   }
 
   /** Messages `first`..`last` again, to every live session or relay (sessions drop repeats and pull what they lack before them). */

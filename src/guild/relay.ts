@@ -49,7 +49,7 @@ export class Relay extends DurableObject<Env> {
     `);
     this.guildId = this.sql.exec<{ value: string }>("SELECT value FROM meta WHERE key = 'guild_id'").toArray()[0]?.value ?? "";
     this.checkpoint = new FanoutCheckpoint(this.sql, ctx.storage);
-    this.dropNotices = new DropNotices(this.sql, ctx, env.SESSION, () => this.guildId);
+    this.dropNotices = new DropNotices(this.sql, ctx, env.SESSION, () => this.guildId, () => this.checkpoint.arm());
     this.fanout = new Fanout<SessionStub>(
       sessionFanoutOptions({
         env,
@@ -59,12 +59,16 @@ export class Relay extends DurableObject<Env> {
         guildId: () => this.guildId,
         drop: (recipient, ended) => {
           this.sql.exec("DELETE FROM members WHERE session_id = ?", recipient.id);
-          // Told from here, until it answers, rather than through the guild: a guild that cannot
-          // be reached now must not leave a live session unsubscribed for good. Subscribing again
-          // puts it back in the guild and on this relay.
-          if (!ended) this.dropNotices.owe(recipient.target);
-          // The guild forgets it too (if this fails, the session's subscribing again corrects it).
-          this.ctx.waitUntil(this.guild().dropSession(recipient.id, recipient.target, ended, true).catch(() => undefined));
+          if (ended) {
+            // The guild forgets it too (one that stays listed is dropped again by the next sync).
+            this.ctx.waitUntil(this.guild().dropSession(recipient.id, recipient.target, true).catch(() => undefined));
+          } else {
+            // Told from here, until it answers, and the guild not at all: a guild that cannot be
+            // reached now must not leave a live session unsubscribed for good, and a late
+            // "forget it" could cross the session's subscribing again. Subscribing again puts it
+            // back on this relay; the guild still lists it meanwhile.
+            this.dropNotices.owe(recipient.target);
+          }
         },
         idle: () => this.checkpoint.progress(this.fanout.drained ? undefined : null), // the alarm scans
       }),
@@ -153,7 +157,11 @@ export class Relay extends DurableObject<Env> {
 
   /** Looks in on a fanout that stayed busy; after a restart, resends what it had not handed over. */
   override async alarm(): Promise<void> {
-    await this.checkpoint.alarm(this.resend, () => oldestPending(this.fanout));
+    try {
+      await this.checkpoint.alarm(this.resend, () => oldestPending(this.fanout));
+    } finally {
+      await this.dropNotices.alarm(); // after, so the alarm it keeps for notices still owed is not unset
+    }
   }
 
   /** The guild's events `first`..`last` again, to this relay's sessions (they drop repeats and pull what they lack before them). */

@@ -39,35 +39,48 @@ export class User extends DurableObject<Env> {
 
   async addGuild(guildId: string): Promise<void> {
     if (this.sql.exec("INSERT OR IGNORE INTO guilds (guild_id) VALUES (?)", guildId).rowsWritten === 0) return;
-    await this.notifySessions((session) => session.guildAdded(guildId));
+    await this.notifySessions(guildId, (session) => session.guildAdded(guildId));
   }
 
   async removeGuild(guildId: string): Promise<void> {
     if (this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId).rowsWritten === 0) return;
-    await this.notifySessions((session) => session.guildRemoved(guildId));
+    await this.notifySessions(guildId, (session) => session.guildRemoved(guildId));
   }
 
   /**
    * Tells every live session. One that answers it has ended is forgotten; one that cannot be
    * reached is tried again in the background (the change is not held up), and forgotten only
    * if it stays unreachable: forgetting a live session at the first error would leave it out
-   * of every later membership change. Out-of-order arrivals are harmless: the session asks the
-   * guild, which knows the membership as it is now.
+   * of every later membership change. A retry stops once a newer change to the same guild is
+   * sent to that session, so a late removal cannot undo a later addition.
    */
-  private async notifySessions(notify: Notify): Promise<void> {
+  private async notifySessions(guildId: string, notify: Notify): Promise<void> {
     const sessions = this.sql.exec<{ session_id: string; target: string }>("SELECT session_id, target FROM sessions").toArray();
     await Promise.all(
       sessions.map(async ({ session_id, target }) => {
+        const key = `${target} ${guildId}`;
+        const change = ++this.changesSent;
+        this.latestChange.set(key, change);
+        const isLatest = () => this.latestChange.get(key) === change;
         const answer = await this.tell(target, notify);
-        if (answer === "unreachable") this.ctx.waitUntil(this.retry(session_id, target, notify));
-        else if (answer === "gone") this.forget(session_id, target);
+        if (answer === "unreachable") {
+          this.ctx.waitUntil(this.retry(session_id, target, notify, isLatest).finally(() => isLatest() && this.latestChange.delete(key)));
+          return;
+        }
+        if (answer === "gone") this.forget(session_id, target);
+        if (isLatest()) this.latestChange.delete(key);
       }),
     );
   }
 
-  private async retry(sessionId: string, target: string, notify: Notify): Promise<void> {
+  /** Per session object and guild, the newest membership change sent (numbered by `changesSent`): a retry of an older one gives way. */
+  private readonly latestChange = new Map<string, number>();
+  private changesSent = 0;
+
+  private async retry(sessionId: string, target: string, notify: Notify, isLatest: () => boolean): Promise<void> {
     for (const delayMs of RETRY_DELAYS_MS) {
       await scheduler.wait(delayMs);
+      if (!isLatest()) return;
       const answer = await this.tell(target, notify);
       if (answer === "told") return;
       if (answer === "gone") break;

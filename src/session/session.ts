@@ -146,8 +146,9 @@ export class Session extends DurableObject<Env> {
     // Frames still on their way when this side closed the socket (and perhaps wiped this
     // object) are discarded, as RFC 6455 has it once a Close is sent. (Frames the client sent
     // before closing it itself are still handled.)
-    if (closedHere.has(ws) || this.state.status === "ended") return;
-    if (!withinRateLimit(ws)) return this.close(ws, CloseCode.RATE_LIMITED, "too many frames");
+    const notes = socketNotes(ws);
+    if (notes.closedHere || this.state.status === "ended") return;
+    if (!withinRateLimit(ws, notes)) return this.close(ws, CloseCode.RATE_LIMITED, "too many frames");
     const parsed = parseClientFrame(data);
     const authenticated = HOLDING.has(this.state.status);
     if (!parsed.ok) {
@@ -356,7 +357,10 @@ export class Session extends DurableObject<Env> {
             } else {
               next = this.dispatchAfter(delivery.guildId, after, event);
             }
-            lastSeq = typeof next === "number" ? next : await next;
+            const reached = typeof next === "number" ? next : await next;
+            // Left out (the guild would not fill the gap before it): so would the rest be.
+            if (reached < event.seq) break;
+            lastSeq = reached;
           }
         } finally {
           // Stored and sent even if a gap fill failed part-way: what was numbered has moved the
@@ -384,7 +388,10 @@ export class Session extends DurableObject<Env> {
   /** The user joined a guild. Answers `gone` if the session has ended, so the user directory forgets it. */
   async guildAdded(guildId: string): Promise<{ gone?: true }> {
     return this.whileHolding(async () => {
-      if (this.guildSeq(guildId) !== undefined) return;
+      const lastSeq = this.guildSeq(guildId);
+      // Subscribed already, as far as it knows: a removal it never heard of may have ended the
+      // subscription, so subscribe again from where it got to (no GUILD_CREATE: the client has it).
+      if (lastSeq !== undefined) return this.subscribeAgain(guildId, lastSeq);
       const subscribed = await this.subscribeAll([{ guildId }]);
       if (subscribed.length > 0) this.dispatch("GUILD_CREATE", { id: guildId });
     });
@@ -411,9 +418,13 @@ export class Session extends DurableObject<Env> {
   async guildDropped(guildId: string): Promise<void> {
     await this.enqueue(async () => {
       const lastSeq = this.guildSeq(guildId);
-      if (!HOLDING.has(this.state.status) || lastSeq === undefined) return;
-      if ((await this.subscribeAll([{ guildId, lastSeq }])).length === 0) this.leaveGuild(guildId);
+      if (HOLDING.has(this.state.status) && lastSeq !== undefined) await this.subscribeAgain(guildId, lastSeq);
     });
+  }
+
+  /** Subscribes again after `lastSeq`, pulling what was missed; leaves the guild if no longer a member. */
+  private async subscribeAgain(guildId: string, lastSeq: number): Promise<void> {
+    if ((await this.subscribeAll([{ guildId, lastSeq }])).length === 0) this.leaveGuild(guildId);
   }
 
   /** Nothing lives here: the session ended (or never started). One that moved is still alive elsewhere. */
@@ -640,26 +651,33 @@ export class Session extends DurableObject<Env> {
   }
 }
 
-/** Frames a client sent in the current window, kept with its socket so hibernation does not reset the count. */
-interface FrameWindow {
-  start: number;
+/**
+ * Kept with the socket (its attachment), so hibernation forgets neither: the frames the client
+ * sent in the current rate-limit window, and whether this side has closed it.
+ */
+interface SocketNotes {
+  windowStart: number;
   frames: number;
+  closedHere?: true;
 }
 
-function withinRateLimit(ws: WebSocket): boolean {
+function socketNotes(ws: WebSocket): SocketNotes {
+  return (ws.deserializeAttachment() as SocketNotes | null) ?? { windowStart: 0, frames: 0 };
+}
+
+function withinRateLimit(ws: WebSocket, notes: SocketNotes): boolean {
   const now = Date.now();
-  let window = ws.deserializeAttachment() as FrameWindow | null;
-  if (!window || now - window.start >= RATE_LIMIT_WINDOW_MS) window = { start: now, frames: 0 };
-  window.frames++;
-  ws.serializeAttachment(window);
-  return window.frames <= RATE_LIMIT_FRAMES;
+  const frames = now - notes.windowStart >= RATE_LIMIT_WINDOW_MS ? 1 : notes.frames + 1;
+  ws.serializeAttachment({ ...notes, windowStart: frames === 1 ? now : notes.windowStart, frames });
+  return frames <= RATE_LIMIT_FRAMES;
 }
-
-/** Sockets this side has closed. */
-const closedHere = new WeakSet<WebSocket>();
 
 function closeSocket(ws: WebSocket, code: number, reason: string): void {
-  closedHere.add(ws);
+  try {
+    ws.serializeAttachment({ ...socketNotes(ws), closedHere: true });
+  } catch {
+    // a socket this runtime no longer tracks: nothing more will arrive on it
+  }
   try {
     ws.close(code, fitCloseReason(reason));
   } catch {

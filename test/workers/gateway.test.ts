@@ -349,6 +349,27 @@ describe("fanout to sessions that fail or have ended", () => {
     await client.waitFor(() => client.messageSeqs("notify-b").length === 1, "a message in the guild joined");
   });
 
+  it("a session that never heard of its removal gets the guild back when re-added, and the removal's late retry does not undo it", async () => {
+    const guildId = "readded";
+    const { client, sessionId } = await sessionAfterFirstMessage(guildId, "rd-user");
+    const restore = await patchMethod(sessionStub(sessionId), "guildRemoved", async () => {
+      throw new Error("session overloaded");
+    });
+    try {
+      await api("DELETE", `/api/guilds/${guildId}/members/rd-user`, "admin"); // the guild stops delivering; the session is not told
+      await addMember(guildId, "rd-user");
+    } finally {
+      restore();
+    }
+    await post(guildId, "rd-user", "m2");
+    await client.waitFor(() => client.messageSeqs().length === 2, "m2, once re-added");
+    await scheduler.wait(1500); // past the removal's first retry, which the addition superseded
+    expect(client.dispatches("GUILD_DELETE")).toEqual([]);
+    await post(guildId, "rd-user", "m3");
+    await client.waitFor(() => client.messageSeqs().length === 3, "m3");
+    expect(client.messageSeqs()).toEqual([1, 2, 3]);
+  });
+
   it("a session that ended but could not unsubscribe is forgotten by the guild and the user directory when it answers that it has ended", async () => {
     const guildId = "ended-session";
     await addMember(guildId, "end-user");

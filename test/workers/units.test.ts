@@ -14,9 +14,11 @@ import type { GuildEvent } from "../../src/guild/events.ts";
 import type { Env } from "../../src/env.ts";
 import { type RelayStub, deliveryConfig, relayFanoutOptions } from "../../src/guild/delivery.ts";
 import { FanoutCheckpoint, MAX_RESEND } from "../../src/guild/checkpoint.ts";
+import { DropNotices } from "../../src/guild/drop-notices.ts";
 import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
+import type { Session } from "../../src/session/session.ts";
 import { SpanExportQueue } from "../../src/telemetry/export.ts";
 import { EXPORT_DELAY_MS, type SpanRecord, Telemetry, exportTimeout } from "../../src/telemetry/index.ts";
 import { fromSpanRecord, toSpanRecord } from "../../src/telemetry/span-record.ts";
@@ -53,7 +55,8 @@ describe("routeTemplate (the API's span names)", () => {
     expect(routeTemplate("/api/guilds/g1/members/u1")).toBe("/api/guilds/{guild_id}/members/{user_id}");
     expect(routeTemplate("/api/dev/token")).toBe("/api/dev/token");
     expect(routeTemplate("/api/dev/bench-room/r1")).toBe("/api/dev/bench-room/{room_id}");
-    for (const path of ["/api/anything-at-all-1234", "/api/guilds/g1/x7f3", "/api/guilds/g1/messages/extra", "/api/dev/x", "/api", "/gateway"]) {
+    expect(routeTemplate("/gateway")).toBe("/gateway");
+    for (const path of ["/api/anything-at-all-1234", "/api/guilds/g1/x7f3", "/api/guilds/g1/messages/extra", "/api/dev/x", "/api", "/gateway/extra"]) {
       expect(routeTemplate(path), path).toBeUndefined();
     }
   });
@@ -753,6 +756,54 @@ describe("FanoutCheckpoint", () => {
       await Promise.all([slow, second]);
       expect(attempts).toEqual([[1, 2], [1, 2]]);
       expect(restarted.recover(async () => expect.fail("resent twice"))).toBeUndefined();
+    });
+  });
+});
+
+describe("DropNotices", () => {
+  it("keeps a notice until the session answers, owes another for a drop while one is on its way, and gives up on one unreachable for long", async () => {
+    await runInDurableObject(env.SESSION.get(env.SESSION.newUniqueId()), async (_instance, state) => {
+      const told: string[] = [];
+      let answer: (target: string) => Promise<void> = async () => {};
+      const sessions = { idFromString: (id: string) => id, get: (id: string) => ({ guildDropped: () => answer(id).then(() => void told.push(id)) }) };
+      let alarms = 0;
+      const ctx = { waitUntil: () => {} } as unknown as DurableObjectState; // first attempts left to the alarm here
+      const notices = new DropNotices(state.storage.sql, ctx, sessions as unknown as DurableObjectNamespace<Session>, () => "g", () => void alarms++);
+      const owed = () => state.storage.sql.exec<{ target: string }>("SELECT target FROM drop_notices ORDER BY target").toArray().map((r) => r.target);
+
+      // Unreachable: kept, with an alarm to try again.
+      answer = async () => {
+        throw new Error("unreachable");
+      };
+      notices.owe("s1");
+      expect(alarms).toBe(1);
+      await notices.alarm();
+      expect(owed()).toEqual(["s1"]);
+      expect(alarms).toBe(2);
+
+      // Dropped again while the notice is on its way: told again after it answers.
+      let release!: () => void;
+      answer = () => new Promise<void>((resolve) => (release = resolve));
+      const first = notices.alarm();
+      await new Promise((r) => setTimeout(r, 10));
+      notices.owe("s1");
+      release();
+      await first;
+      expect(told).toEqual(["s1"]);
+      expect(owed()).toEqual(["s1"]);
+      answer = async () => {};
+      await notices.alarm();
+      expect(told).toEqual(["s1", "s1"]);
+      expect(owed()).toEqual([]);
+
+      // Unreachable past the give-up time: dropped from the list.
+      answer = async () => {
+        throw new Error("unreachable");
+      };
+      notices.owe("s2");
+      state.storage.sql.exec("UPDATE drop_notices SET owed_since = 0");
+      await notices.alarm();
+      expect(owed()).toEqual([]);
     });
   });
 });

@@ -19,8 +19,10 @@ export async function handleRequest(request: Request, env: Env, ctx: ExecutionCo
     telemetry = telemetryFor("guildwire-api", env);
     // The objects refuse to start on a bad fanout or transport setting; name it here instead of
     // answering internal_error for every request they would have served.
-    if (!checkedSettings.has(env)) deliveryConfig(env);
-    checkedSettings.add(env);
+    if (!checkedSettings.has(env)) {
+      deliveryConfig(env);
+      checkedSettings.add(env);
+    }
   } catch (error) {
     // A bad setting (TRACE_SAMPLE_RATE, FANOUT_SAMPLING, RELAY_SIZE, …): say so, don't crash.
     return errorResponse(new HttpError(500, "server_misconfigured", error instanceof Error ? error.message : String(error)));

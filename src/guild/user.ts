@@ -1,6 +1,5 @@
 import { DurableObject } from "cloudflare:workers";
 import type { Env } from "../env.ts";
-import type { Session } from "../session/session.ts";
 
 /**
  * One per user: which guilds the user belongs to (so READY can list them) and which sessions
@@ -16,6 +15,7 @@ export class User extends DurableObject<Env> {
     this.sql.exec(`
       CREATE TABLE IF NOT EXISTS guilds (guild_id TEXT PRIMARY KEY);
       CREATE TABLE IF NOT EXISTS sessions (session_id TEXT PRIMARY KEY, target TEXT NOT NULL);
+      CREATE TABLE IF NOT EXISTS pending_notices (target TEXT NOT NULL, guild_id TEXT NOT NULL, session_id TEXT NOT NULL, change TEXT NOT NULL, owed_since INTEGER NOT NULL, PRIMARY KEY (target, guild_id));
     `);
   }
 
@@ -39,58 +39,65 @@ export class User extends DurableObject<Env> {
 
   async addGuild(guildId: string): Promise<void> {
     if (this.sql.exec("INSERT OR IGNORE INTO guilds (guild_id) VALUES (?)", guildId).rowsWritten === 0) return;
-    await this.notifySessions(guildId, (session) => session.guildAdded(guildId));
+    await this.notifySessions(guildId, "added");
   }
 
   async removeGuild(guildId: string): Promise<void> {
     if (this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId).rowsWritten === 0) return;
-    await this.notifySessions(guildId, (session) => session.guildRemoved(guildId));
+    await this.notifySessions(guildId, "removed");
   }
 
   /**
-   * Tells every live session. One that answers it has ended is forgotten; one that cannot be
-   * reached is tried again in the background (the change is not held up), and forgotten only
-   * if it stays unreachable: forgetting a live session at the first error would leave it out
-   * of every later membership change. A retry stops once a newer change to the same guild is
-   * sent to that session, so a late removal cannot undo a later addition.
+   * Tells every live session. One that answers it has ended is forgotten. One that cannot be
+   * reached keeps a pending notice, tried again from this object's alarm (1 s, then every 3 s)
+   * without holding up the change, and is forgotten only if it stays unreachable for
+   * `FORGET_AFTER_MS`: forgetting a live session at the first error would leave it out of every
+   * later membership change. A newer change to the same guild replaces a pending one, so a late
+   * removal cannot undo a later addition.
    */
-  private async notifySessions(guildId: string, notify: Notify): Promise<void> {
+  private async notifySessions(guildId: string, change: Change): Promise<void> {
     const sessions = this.sql.exec<{ session_id: string; target: string }>("SELECT session_id, target FROM sessions").toArray();
     await Promise.all(
       sessions.map(async ({ session_id, target }) => {
-        const key = `${target} ${guildId}`;
-        const change = ++this.changesSent;
-        this.latestChange.set(key, change);
-        const isLatest = () => this.latestChange.get(key) === change;
-        const answer = await this.tell(target, notify);
-        if (answer === "unreachable") {
-          this.ctx.waitUntil(this.retry(session_id, target, notify, isLatest).finally(() => isLatest() && this.latestChange.delete(key)));
-          return;
-        }
+        this.sql.exec("DELETE FROM pending_notices WHERE target = ? AND guild_id = ?", target, guildId); // superseded
+        const answer = await this.tell(target, guildId, change);
         if (answer === "gone") this.forget(session_id, target);
-        if (isLatest()) this.latestChange.delete(key);
+        if (answer !== "unreachable") return;
+        this.sql.exec(
+          "INSERT OR REPLACE INTO pending_notices (target, guild_id, session_id, change, owed_since) VALUES (?, ?, ?, ?, ?)",
+          target,
+          guildId,
+          session_id,
+          change,
+          Date.now(),
+        );
+        void this.ctx.storage.setAlarm(Date.now() + FIRST_RETRY_MS);
       }),
     );
   }
 
-  /** Per session object and guild, the newest membership change sent (numbered by `changesSent`): a retry of an older one gives way. */
-  private readonly latestChange = new Map<string, number>();
-  private changesSent = 0;
-
-  private async retry(sessionId: string, target: string, notify: Notify, isLatest: () => boolean): Promise<void> {
-    for (const delayMs of RETRY_DELAYS_MS) {
-      await scheduler.wait(delayMs);
-      if (!isLatest()) return;
-      const answer = await this.tell(target, notify);
-      if (answer === "told") return;
-      if (answer === "gone") break;
-    }
-    console.warn(`user directory: forgetting session ${sessionId}, which has ended or stayed unreachable`);
-    this.forget(sessionId, target);
+  /** Tries every pending notice once; keeps an alarm while any is left. */
+  override async alarm(): Promise<void> {
+    const pending = this.sql
+      .exec<{ target: string; guild_id: string; session_id: string; change: Change; owed_since: number }>("SELECT * FROM pending_notices")
+      .toArray();
+    await Promise.all(
+      pending.map(async ({ target, guild_id, session_id, change, owed_since }) => {
+        const answer = await this.tell(target, guild_id, change);
+        if (answer === "unreachable" && Date.now() - owed_since < FORGET_AFTER_MS) return;
+        // Told, ended, or unreachable for too long (ended without detaching, most likely).
+        this.sql.exec("DELETE FROM pending_notices WHERE target = ? AND guild_id = ? AND change = ?", target, guild_id, change);
+        if (answer === "told") return;
+        if (answer === "unreachable") console.warn(`user directory: forgetting session ${session_id}, unreachable since ${new Date(owed_since).toISOString()}`);
+        this.forget(session_id, target);
+      }),
+    );
+    if (this.sql.exec("SELECT 1 FROM pending_notices LIMIT 1").toArray().length > 0) await this.ctx.storage.setAlarm(Date.now() + RETRY_EVERY_MS);
   }
 
-  private tell(target: string, notify: Notify): Promise<"told" | "gone" | "unreachable"> {
-    return notify(this.env.SESSION.get(this.env.SESSION.idFromString(target))).then(
+  private tell(target: string, guildId: string, change: Change): Promise<"told" | "gone" | "unreachable"> {
+    const session = this.env.SESSION.get(this.env.SESSION.idFromString(target));
+    return (change === "added" ? session.guildAdded(guildId) : session.guildRemoved(guildId)).then(
       (answer) => (answer.gone === true ? "gone" : "told"),
       (error: unknown) => (console.warn(`user directory: session ${target} unreachable:`, error), "unreachable"),
     );
@@ -98,10 +105,13 @@ export class User extends DurableObject<Env> {
 
   private forget(sessionId: string, target: string): void {
     this.sql.exec("DELETE FROM sessions WHERE session_id = ? AND target = ?", sessionId, target);
+    this.sql.exec("DELETE FROM pending_notices WHERE target = ?", target);
   }
 }
 
-type Notify = (session: DurableObjectStub<Session>) => Promise<{ gone?: true }>;
+type Change = "added" | "removed";
 
-/** Waits before each retry of a membership change to a session that could not be reached. */
-const RETRY_DELAYS_MS = [1000, 3000, 6000];
+/** When a membership change that could not reach a session is tried again, and how long before it is forgotten. */
+const FIRST_RETRY_MS = 1000;
+const RETRY_EVERY_MS = 3000;
+const FORGET_AFTER_MS = 15_000;

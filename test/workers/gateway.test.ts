@@ -349,6 +349,31 @@ describe("fanout to sessions that fail or have ended", () => {
     await client.waitFor(() => client.messageSeqs("notify-b").length === 1, "a message in the guild joined");
   });
 
+  it("a membership change that could not reach a session survives the user directory restarting, and one unreachable for long is forgotten", async () => {
+    const userStub = env.USER.get(env.USER.idFromName("pn-user"));
+    const { client, sessionId } = await sessionAfterFirstMessage("pending-home", "pn-user");
+    let reachable = false;
+    const restore = await patchMethod(sessionStub(sessionId), "guildAdded", (_self, original, args) => {
+      if (!reachable) throw new Error("session overloaded");
+      return original(...args);
+    });
+    try {
+      await addMember("pending-a", "pn-user");
+      await runInDurableObject(userStub, (_user, state) => state.abort("restart")).catch(() => undefined);
+      reachable = true;
+      await client.waitFor(() => client.dispatches("GUILD_CREATE").length === 1, "GUILD_CREATE from the restarted directory's alarm", 8000);
+
+      reachable = false;
+      await addMember("pending-b", "pn-user");
+      // Unreachable past the time it is given: forgotten by the directory (it most likely ended).
+      await runInDurableObject(env.USER.get(env.USER.idFromName("pn-user")), (_user, state) => void state.storage.sql.exec("UPDATE pending_notices SET owed_since = 0"));
+      await runDurableObjectAlarm(env.USER.get(env.USER.idFromName("pn-user")));
+      expect(await userSessions("pn-user")).toEqual([]);
+    } finally {
+      restore();
+    }
+  });
+
   it("a session that never heard of its removal gets the guild back when re-added, and the removal's late retry does not undo it", async () => {
     const guildId = "readded";
     const { client, sessionId } = await sessionAfterFirstMessage(guildId, "rd-user");

@@ -69,10 +69,16 @@ export class Guild extends DurableObject<Env> {
   private relaysSynced = false;
   /** Relay syncs under way: backlogs may be travelling in their assignments. */
   private syncing = 0;
-  /** How far the fanout got, so a restart resends what was only queued in memory. */
-  private readonly checkpoint: FanoutCheckpoint;
-  /** Sessions dropped while they may be alive, to be told so they subscribe again. */
-  private readonly dropNotices: DropNotices;
+  /** How far the fanout got, so a restart resends what was only queued in memory (made on first use: it has a table). */
+  private get checkpoint(): FanoutCheckpoint {
+    return (this.checkpointStore ??= new FanoutCheckpoint(this.sql, this.ctx.storage));
+  }
+  private checkpointStore: FanoutCheckpoint | undefined;
+  /** Sessions dropped while they may be alive, to be told so they subscribe again (made on first use). */
+  private get dropNotices(): DropNotices {
+    return (this.dropNoticeStore ??= new DropNotices(this.sql, this.ctx, this.env.SESSION, () => this.guildId!, () => this.checkpoint.arm()));
+  }
+  private dropNoticeStore: DropNotices | undefined;
 
   constructor(ctx: DurableObjectState, env: Env) {
     super(ctx, env);
@@ -81,19 +87,13 @@ export class Guild extends DurableObject<Env> {
     this.telemetry = telemetryFor("guildwire-guild", env);
     this.traced = this.telemetry.handleOptions;
     this.sql = ctx.storage.sql;
-    this.sql.exec(`
-      CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-      CREATE TABLE IF NOT EXISTS members (user_id TEXT PRIMARY KEY, added_at INTEGER NOT NULL);
-      CREATE TABLE IF NOT EXISTS messages (
-        seq INTEGER PRIMARY KEY, id TEXT NOT NULL, author_id TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL
-      );
-      CREATE TABLE IF NOT EXISTS subscriptions (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, target TEXT NOT NULL);
-    `);
-    this.guildId = this.meta("guild_id");
-    this.relayCount = Number(this.meta("relay_count") ?? 0);
-    this.lastSeq = this.sql.exec<{ seq: number | null }>("SELECT MAX(seq) AS seq FROM messages").one().seq ?? 0;
-    this.checkpoint = new FanoutCheckpoint(this.sql, ctx.storage);
-    this.dropNotices = new DropNotices(this.sql, ctx, env.SESSION, () => this.guildId!, () => this.checkpoint.arm());
+    // A guild exists once its first member is added. Until then nothing is stored, so requests
+    // for made-up guild ids (answered 404 or 403) leave no storage behind.
+    const created = this.sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").toArray().length > 0;
+    if (created) this.createTables();
+    this.guildId = created ? this.meta("guild_id") : null;
+    this.relayCount = created ? Number(this.meta("relay_count") ?? 0) : 0;
+    this.lastSeq = created ? (this.sql.exec<{ seq: number | null }>("SELECT MAX(seq) AS seq FROM messages").one().seq ?? 0) : 0;
     this.sessions = new Fanout<SessionStub>(
       sessionFanoutOptions({
         env,
@@ -119,11 +119,24 @@ export class Guild extends DurableObject<Env> {
     // Subscriptions outlive eviction. What was queued in memory is resent (the checkpoint's
     // alarm, or the next message, recovers it); a session that sees a gap in `seq` also pulls
     // the missing events itself (`eventsAfter`).
-    for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM subscriptions")) {
-      this.subscribers.set(row.session_id, { userId: row.user_id, target: row.target });
-      if (this.relayCount === 0) this.sessions.add(row.session_id, row.user_id, row.target);
+    if (created) {
+      for (const row of this.sql.exec<{ session_id: string; user_id: string; target: string }>("SELECT * FROM subscriptions")) {
+        this.subscribers.set(row.session_id, { userId: row.user_id, target: row.target });
+        if (this.relayCount === 0) this.sessions.add(row.session_id, row.user_id, row.target);
+      }
     }
     this.addRelayRecipients();
+  }
+
+  private createTables(): void {
+    this.sql.exec(`
+      CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+      CREATE TABLE IF NOT EXISTS members (user_id TEXT PRIMARY KEY, added_at INTEGER NOT NULL);
+      CREATE TABLE IF NOT EXISTS messages (
+        seq INTEGER PRIMARY KEY, id TEXT NOT NULL, author_id TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL
+      );
+      CREATE TABLE IF NOT EXISTS subscriptions (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, target TEXT NOT NULL);
+    `);
   }
 
   // ---- membership -------------------------------------------------------------------------
@@ -437,6 +450,7 @@ export class Guild extends DurableObject<Env> {
   /** Records this object's guild id the first time a member is added: that creates the guild. */
   private adopt(guildId: string): void {
     if (this.guildId) return;
+    this.createTables();
     this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('guild_id', ?)", guildId);
     this.guildId = guildId;
   }

@@ -419,6 +419,24 @@ describe("fanout to sessions that fail or have ended", () => {
   });
 });
 
+describe("made-up guild ids", () => {
+  it("are answered 404 and leave no storage behind, until a first member creates the guild", async () => {
+    const tables = (guildId: string) =>
+      runInDurableObject(guildStub(guildId), (_guild, state) =>
+        state.storage.sql.exec<{ name: string }>("SELECT name FROM sqlite_master WHERE type = 'table'").toArray().map((r) => r.name),
+      );
+    await addMember("made-up-home", "mu-user"); // a real user, with a valid token
+    expect((await api("GET", "/api/guilds/made-up-1/messages", "mu-user")).status).toBe(404);
+    expect((await api("POST", "/api/guilds/made-up-1/messages", "mu-user", { content: "anyone?" })).status).toBe(404);
+    expect((await api("GET", "/api/guilds/made-up-1/timings", "admin")).status).toBe(404);
+    expect((await api("DELETE", "/api/guilds/made-up-1/members/mu-user", "admin")).status).toBe(404);
+    expect(await tables("made-up-1")).toEqual([]);
+    await addMember("made-up-1", "mu-user");
+    expect(await tables("made-up-1")).toEqual(expect.arrayContaining(["meta", "members", "messages", "subscriptions"]));
+    expect((await api("POST", "/api/guilds/made-up-1/messages", "mu-user", { content: "now it exists" })).status).toBe(201);
+  });
+});
+
 describe("bad input", () => {
   // A close reason holds 123 bytes: one naming a long opcode must still close, with its code.
   it.each([

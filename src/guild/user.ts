@@ -71,7 +71,8 @@ export class User extends DurableObject<Env> {
           change,
           Date.now(),
         );
-        void this.ctx.storage.setAlarm(Date.now() + FIRST_RETRY_MS);
+        // If setting the alarm fails, the notice waits for the next change's alarm (logged, not thrown).
+        this.ctx.storage.setAlarm(Date.now() + FIRST_RETRY_MS).catch((error: unknown) => console.error("user directory: setting the alarm failed:", error));
       }),
     );
   }

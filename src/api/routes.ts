@@ -34,6 +34,12 @@ export async function handleRequest(request: Request, env: Env, ctx: ExecutionCo
 const checkedSettings = new WeakSet<Env>();
 
 async function respond(request: Request, env: Env): Promise<Response> {
+  const response = await answer(request, env);
+  // HEAD is GET without the body (RFC 9110 §9.3.2): same status and headers.
+  return request.method === "HEAD" ? new Response(null, response) : response;
+}
+
+async function answer(request: Request, env: Env): Promise<Response> {
   try {
     return await route(request, env);
   } catch (error) {
@@ -158,7 +164,9 @@ async function requireAdmin(request: Request, env: Env): Promise<Claims> {
   return claims;
 }
 
-function allow(method: string, methods: string[]): void {
+/** Refuses a method the route does not serve; a route that serves GET serves HEAD too. */
+function allow(method: string, routeMethods: string[]): void {
+  const methods = routeMethods.includes("GET") ? [...routeMethods, "HEAD"] : routeMethods;
   if (!methods.includes(method)) {
     throw new HttpError(405, "method_not_allowed", `use ${methods.join(" or ")}`, { Allow: methods.join(", ") });
   }

@@ -611,13 +611,13 @@ describe("guildwire over wrangler dev (development)", () => {
       "405 for a wrong method, with an Allow header",
       async () => {
         const cases: [string, string, string[]][] = [
-          ["DELETE", "/api/guilds/g/messages", ["GET", "POST"]],
-          ["PUT", "/api/guilds/g/messages", ["GET", "POST"]],
+          ["DELETE", "/api/guilds/g/messages", ["GET", "HEAD", "POST"]],
+          ["PUT", "/api/guilds/g/messages", ["GET", "HEAD", "POST"]],
           ["GET", "/api/guilds/g/members/u", ["DELETE", "PUT"]],
           ["POST", "/api/guilds/g/members/u", ["DELETE", "PUT"]],
-          ["POST", "/api/guilds/g/timings", ["GET"]],
+          ["POST", "/api/guilds/g/timings", ["GET", "HEAD"]],
           ["GET", "/api/dev/token", ["POST"]],
-          ["POST", "/gateway", ["GET"]],
+          ["POST", "/gateway", ["GET", "HEAD"]],
         ];
         for (const [method, path, allowed] of cases) {
           const response = await api.request(method, path, { token: await api.adminToken() });
@@ -625,6 +625,27 @@ describe("guildwire over wrangler dev (development)", () => {
           const allow = (response.headers.get("Allow") ?? "").split(",").map((m) => m.trim()).filter(Boolean).sort();
           expect(allow, `${method} ${path}`).toEqual(allowed);
         }
+      },
+      TEST_TIMEOUT,
+    );
+
+    it(
+      "HEAD answers as GET would, without a body",
+      async () => {
+        const [guild, user] = [uid("ehead-g"), uid("ehead-user")];
+        await api.addMembers(guild, user);
+        const token = await api.token(user);
+        await api.post(guild, user, "one");
+        const get = await api.request("GET", `/api/guilds/${guild}/messages`, { token });
+        const head = await api.request("HEAD", `/api/guilds/${guild}/messages`, { token });
+        expect(get.status).toBe(200);
+        expect((get.body as unknown[]).length).toBe(1);
+        expect({ status: head.status, type: head.headers.get("Content-Type"), text: head.text }).toEqual({ status: 200, type: get.headers.get("Content-Type"), text: "" });
+
+        const unknown = await api.request("HEAD", `/api/guilds/${uid("ehead-never")}/messages`, { token });
+        expect({ status: unknown.status, text: unknown.text }).toEqual({ status: 404, text: "" });
+        const wrong = await api.request("HEAD", "/api/dev/token", {});
+        expect({ status: wrong.status, allow: wrong.headers.get("Allow"), text: wrong.text }).toEqual({ status: 405, allow: "POST", text: "" });
       },
       TEST_TIMEOUT,
     );

@@ -39,6 +39,14 @@ interface State {
   movedTo: string;
   heartbeatDeadline: number;
   resumeDeadline: number;
+  /** Guilds the session should be in whose subscribe failed: tried again from the alarm. */
+  owed?: OwedGuilds;
+}
+
+interface OwedGuilds {
+  guildIds: string[];
+  retryAt: number;
+  tries: number;
 }
 
 /** What the session's current holder hands to the object a client resumed on. */
@@ -62,6 +70,9 @@ export interface HandOffRequest {
 
 const HOLDING: ReadonlySet<Status> = new Set(["ready", "disconnected"]);
 const ENDS_SESSION = (code: number) => code === CloseCode.NORMAL || code === CloseCode.GOING_AWAY;
+/** A guild whose subscribe failed is tried again after 1 s, then twice as long each time, up to 30 s. */
+const OWED_FIRST_RETRY_MS = 1000;
+const OWED_MAX_RETRY_MS = 30_000;
 
 /** How a delivery ended, for the spans of its sampled events. */
 interface Outcome {
@@ -198,8 +209,10 @@ export class Session extends DurableObject<Env> {
     await this.disconnected(CloseCode.UNKNOWN_ERROR);
   }
 
-  /** Heartbeat deadline while connected, resume deadline while disconnected. */
+  /** Heartbeat deadline while connected, resume deadline while disconnected; owed guilds' retry. */
   override async alarm(): Promise<void> {
+    // A failure here (storage) must not keep the deadlines below from being enforced.
+    if (this.state.owed) await this.enqueue(() => this.joinOwed()).catch((error: unknown) => console.error("session: retrying owed guilds failed:", error));
     const now = Date.now();
     const { status } = this.state;
     if ((status === "connecting" || status === "ready") && now >= this.state.heartbeatDeadline) {
@@ -233,7 +246,9 @@ export class Session extends DurableObject<Env> {
       await this.enqueue(async () => {
         this.setState({ status: "ready", sessionId: this.selfId, userId });
         const guildIds = await this.user(userId).attachSession(this.selfId, this.selfId);
-        const subscribed = await this.subscribeAll(guildIds.map((guildId) => ({ guildId })));
+        // A guild that cannot be reached now is left out and announced with GUILD_CREATE once
+        // it can be (Discord's unavailable guilds), rather than keeping the user out of the rest.
+        const { subscribed } = await this.subscribeAll(guildIds.map((guildId) => ({ guildId })));
         this.dispatch("READY", { session_id: this.selfId, user_id: userId, guilds: subscribed });
       });
     } catch (error) {
@@ -270,12 +285,11 @@ export class Session extends DurableObject<Env> {
         if (ws.readyState === WebSocket.READY_STATE_OPEN) for (const { frame } of frames) ws.send(frame);
         const memberOf = new Set(await this.user(userId).attachSession(request.session_id, this.selfId));
         // Each guild re-targets its deliveries here and replays what came after `lastSeq`.
-        const kept = new Set(await this.subscribeAll(guilds.filter(({ guildId }) => memberOf.has(guildId))));
+        await this.join(guilds.map(({ guildId }) => guildId).filter((guildId) => memberOf.has(guildId)));
         // Membership changes sent to the previous holder during the hand-off found no session
         // there: catch up on them here.
-        for (const { guildId } of guilds) if (!kept.has(guildId)) this.leaveGuild(guildId);
-        const added = [...memberOf].filter((guildId) => !guilds.some((position) => position.guildId === guildId));
-        for (const guildId of await this.subscribeAll(added.map((guildId) => ({ guildId })))) this.dispatch("GUILD_CREATE", { id: guildId });
+        for (const { guildId } of guilds) if (!memberOf.has(guildId)) this.leaveGuild(guildId);
+        await this.join([...memberOf].filter((guildId) => !guilds.some((position) => position.guildId === guildId)));
         this.dispatch("RESUMED", null);
       });
     } catch (error) {
@@ -313,7 +327,7 @@ export class Session extends DurableObject<Env> {
         // Where the session started: keep a pointer so later resumes find it.
         this.buffer.clear();
         this.positions = null;
-        this.setState({ status: "moved", movedTo: request.requester });
+        this.setState({ status: "moved", movedTo: request.requester, owed: undefined }); // the new holder subscribes them
       } else {
         this.wipe();
       }
@@ -387,14 +401,9 @@ export class Session extends DurableObject<Env> {
 
   /** The user joined a guild. Answers `gone` if the session has ended, so the user directory forgets it. */
   async guildAdded(guildId: string): Promise<{ gone?: true }> {
-    return this.whileHolding(async () => {
-      const lastSeq = this.guildSeq(guildId);
-      // Subscribed already, as far as it knows: a removal it never heard of may have ended the
-      // subscription, so subscribe again from where it got to (no GUILD_CREATE: the client has it).
-      if (lastSeq !== undefined) return this.subscribeAgain(guildId, lastSeq);
-      const subscribed = await this.subscribeAll([{ guildId }]);
-      if (subscribed.length > 0) this.dispatch("GUILD_CREATE", { id: guildId });
-    });
+    // Subscribed already, as far as it knows? A removal it never heard of may have ended the
+    // subscription, so `join` subscribes again from where it got to (no GUILD_CREATE then).
+    return this.whileHolding(() => this.join([guildId]));
   }
 
   /** The user left a guild. Answers `gone` if the session has ended, as `guildAdded` does. */
@@ -417,14 +426,27 @@ export class Session extends DurableObject<Env> {
    */
   async guildDropped(guildId: string): Promise<void> {
     await this.enqueue(async () => {
-      const lastSeq = this.guildSeq(guildId);
-      if (HOLDING.has(this.state.status) && lastSeq !== undefined) await this.subscribeAgain(guildId, lastSeq);
+      if (HOLDING.has(this.state.status) && this.guildSeq(guildId) !== undefined) await this.join([guildId]);
     });
   }
 
-  /** Subscribes again after `lastSeq`, pulling what was missed; leaves the guild if no longer a member. */
-  private async subscribeAgain(guildId: string, lastSeq: number): Promise<void> {
-    if ((await this.subscribeAll([{ guildId, lastSeq }])).length === 0) this.leaveGuild(guildId);
+  /**
+   * Subscribes to guilds: one the session is in already again from where it got to (pulling
+   * what it missed), a new one from now, announced with GUILD_CREATE. A guild that says the user
+   * is no longer a member is left; one that cannot be reached is owed (see `subscribeAll`).
+   */
+  private async join(guildIds: string[]): Promise<void> {
+    const guilds = guildIds.map((guildId) => ({ guildId, lastSeq: this.guildSeq(guildId) }));
+    const { subscribed, refused } = await this.subscribeAll(guilds);
+    for (const guildId of refused) this.leaveGuild(guildId);
+    for (const { guildId, lastSeq } of guilds) if (lastSeq === undefined && subscribed.includes(guildId)) this.dispatch("GUILD_CREATE", { id: guildId });
+  }
+
+  /** The alarm's retry of guilds whose subscribe failed. Runs as a task. */
+  private async joinOwed(): Promise<void> {
+    const { owed } = this.state;
+    if (!HOLDING.has(this.state.status) || !owed || Date.now() < owed.retryAt) return;
+    await this.join(owed.guildIds);
   }
 
   /** Nothing lives here: the session ended (or never started). One that moved is still alive elsewhere. */
@@ -434,6 +456,7 @@ export class Session extends DurableObject<Env> {
 
   /** No longer a member: forget the guild and tell the client, if it was subscribed. */
   private leaveGuild(guildId: string): void {
+    if (this.state.owed?.guildIds.includes(guildId)) this.settleOwed([guildId], []);
     if (this.guildSeq(guildId) === undefined) return;
     this.deleteGuild(guildId);
     this.dispatch("GUILD_DELETE", { id: guildId });
@@ -447,20 +470,50 @@ export class Session extends DurableObject<Env> {
     return run;
   }
 
-  /** Subscribes to each guild (resuming after `lastSeq` when given); returns the guilds that accepted (the caller handles the rest). */
-  private async subscribeAll(guilds: { guildId: string; lastSeq?: number }[]): Promise<string[]> {
+  /**
+   * Subscribes to each guild (resuming after `lastSeq` when given); returns the guilds that
+   * accepted and those that refused (not a member), in the order given. A guild that cannot be
+   * reached (or whose gap cannot be filled) does not fail the others: it is owed, and tried again
+   * from the alarm until it answers, so one broken guild neither keeps a user from connecting
+   * nor makes the user directory give up on a live session.
+   */
+  private async subscribeAll(guilds: { guildId: string; lastSeq?: number | undefined }[]): Promise<{ subscribed: string[]; refused: string[] }> {
     const { sessionId, userId } = this.state;
-    // Every subscribe settles before a failure is thrown, so the session knows each guild it is in.
-    const results = await allSettledOrThrow(
+    const outcomes = await Promise.all(
       guilds.map(async ({ guildId, lastSeq: after }) => {
-        const result = await this.guild(guildId).subscribe({ sessionId, userId, target: this.selfId, ...(after === undefined ? {} : { after }) });
-        if (!result.ok) return null;
-        if (after === undefined) this.setGuildSeq(guildId, result.value.lastSeq);
-        else if (result.value.lastSeq > after) this.setGuildSeq(guildId, await this.fillGap(guildId, after, result.value.lastSeq + 1));
-        return guildId;
+        try {
+          const result = await this.guild(guildId).subscribe({ sessionId, userId, target: this.selfId, ...(after === undefined ? {} : { after }) });
+          if (!result.ok) return "refused";
+          if (after === undefined) this.setGuildSeq(guildId, result.value.lastSeq);
+          else if (result.value.lastSeq > after) this.setGuildSeq(guildId, await this.fillGap(guildId, after, result.value.lastSeq + 1));
+          return "subscribed";
+        } catch (error) {
+          console.warn(`session: guild ${guildId} could not be subscribed; trying again later:`, error);
+          return "failed";
+        }
       }),
     );
-    return results.filter((id): id is string => id !== null);
+    const having = (outcome: string) => guilds.filter((_, i) => outcomes[i] === outcome).map(({ guildId }) => guildId);
+    const [subscribed, refused] = [having("subscribed"), having("refused")];
+    this.settleOwed([...subscribed, ...refused], having("failed"));
+    return { subscribed, refused };
+  }
+
+  /** Takes `answered` guilds off the owed list and puts `failed` ones on it, backing off while any fail. */
+  private settleOwed(answered: string[], failed: string[]): void {
+    const before = this.state.owed;
+    const guildIds = new Set(before?.guildIds);
+    for (const guildId of answered) guildIds.delete(guildId);
+    for (const guildId of failed) guildIds.add(guildId);
+    if (guildIds.size === 0) {
+      if (before) this.setState({ owed: undefined });
+      return;
+    }
+    if (failed.length === 0 && guildIds.size === before?.guildIds.length) return;
+    const tries = failed.length > 0 ? (before?.tries ?? 0) + 1 : (before?.tries ?? 0);
+    const retryAt = failed.length > 0 ? Date.now() + Math.min(OWED_FIRST_RETRY_MS * 2 ** (tries - 1), OWED_MAX_RETRY_MS) : before!.retryAt;
+    this.setState({ owed: { guildIds: [...guildIds], retryAt, tries } });
+    this.scheduleAlarm();
   }
 
   /** Pulls the events between `lastSeq` and `nextSeq` that never arrived; returns the new last seq. */
@@ -586,8 +639,9 @@ export class Session extends DurableObject<Env> {
   }
 
   private scheduleAlarm(): void {
-    const { status, heartbeatDeadline, resumeDeadline } = this.state;
-    const at = status === "disconnected" ? resumeDeadline : status === "ready" || status === "connecting" ? heartbeatDeadline : 0;
+    const { status, heartbeatDeadline, resumeDeadline, owed } = this.state;
+    const deadline = status === "disconnected" ? resumeDeadline : status === "ready" || status === "connecting" ? heartbeatDeadline : 0;
+    const at = owed && HOLDING.has(status) ? Math.min(owed.retryAt, deadline || Infinity) : deadline;
     if (at > 0) void this.ctx.storage.setAlarm(at);
   }
 
@@ -699,12 +753,4 @@ function fitCloseReason(reason: string): string {
     end += char.length;
   }
   return reason;
-}
-
-/** Like `Promise.all`, but waits for every promise before throwing the first failure. */
-async function allSettledOrThrow<T>(promises: Promise<T>[]): Promise<T[]> {
-  const settled = await Promise.allSettled(promises);
-  const failed = settled.find((result) => result.status === "rejected");
-  if (failed) throw failed.reason;
-  return settled.map((result) => (result as PromiseFulfilledResult<T>).value);
 }

@@ -527,29 +527,104 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
     expect(await userSessions(userId)).toEqual([]);
   });
 
-  it("an IDENTIFY whose guild cannot be reached closes with 4000 and leaves nothing subscribed", async () => {
+  /** Makes `guildId`'s subscribe throw, as a guild that cannot be reached; returns what undoes it and a count of the tries. */
+  async function unreachableSubscribe(guildId: string): Promise<{ tries(): number; restore(): void }> {
+    let tries = 0;
+    const restore = await patchMethod<{ guildId: string }>(guildStub(guildId), "subscribe", (self, original, args) => {
+      if (self.guildId !== guildId) return original(...args);
+      tries++;
+      throw new Error("guild unreachable");
+    });
+    return { tries: () => tries, restore };
+  }
+
+  it("an IDENTIFY with a guild that cannot be reached is READY without it, and gets it with GUILD_CREATE once it can be", async () => {
     await addMember("identify-fails", "if-user");
     await addMember("identify-ok", "if-user");
-    const restore = await patchMethod<{ guildId: string }>(guildStub("identify-fails"), "subscribe", (self, original, args) => {
-      if (self.guildId === "identify-fails") throw new Error("guild unreachable");
-      return original(...args);
-    });
+    const broken = await unreachableSubscribe("identify-fails");
+    const client = await TestClient.connect();
+    try {
+      await client.identify("if-user");
+      expect((client.dispatches("READY")[0]!.d as { guilds: string[] }).guilds).toEqual(["identify-ok"]);
+      await post("identify-ok", "if-user", "the other guild works");
+      await client.waitFor(() => client.messageSeqs("identify-ok").length === 1, "the other guild's message");
+    } finally {
+      broken.restore();
+    }
+    expect(broken.tries()).toBe(1);
+    // Tried again from the session's alarm, a second later.
+    await client.waitFor(() => client.dispatches("GUILD_CREATE")[0], "GUILD_CREATE once the guild is back");
+    await post("identify-fails", "if-user", "back");
+    await client.waitFor(() => client.messageSeqs("identify-fails").length === 1, "the recovered guild's message");
+    expect(client.dispatches().map((f) => [f.t, f.s])).toEqual([["READY", 1], ["MESSAGE_CREATE", 2], ["GUILD_CREATE", 3], ["MESSAGE_CREATE", 4]]);
+    expect(client.closed).toBeNull();
+  });
+
+  it("an IDENTIFY whose user directory cannot be reached closes 4000, and identifying again works", async () => {
+    await addMember("identify-dir", "dir-user");
+    const user = env.USER.get(env.USER.idFromName("dir-user"));
+    const restore = await patchMethod(user, "attachSession", () => Promise.reject(new Error("directory unreachable")));
     try {
       const client = await TestClient.connect();
       await client.waitFor(() => client.frames.find((f) => f.op === 10), "HELLO");
-      client.send({ op: 2, d: { token: await token("if-user") } });
-      const closed = await client.waitFor(() => client.closed, "close");
-      expect(closed.code).toBe(4000);
-      expect(client.dispatches("READY")).toEqual([]);
-      // identify-ok had accepted the subscription before the close; the session then undoes it.
-      await eventually(async () => (await subscriptions("identify-ok")).length === 0 && (await userSessions("if-user")).length === 0, "the subscription undone");
+      client.send({ op: 2, d: { token: await token("dir-user") } });
+      expect((await client.waitFor(() => client.closed, "close")).code).toBe(4000);
+      expect(client.dispatches()).toEqual([]);
     } finally {
       restore();
     }
-    // Once the guild is back, identifying again works.
     const again = await TestClient.connect();
-    await again.identify("if-user");
-    expect((again.dispatches("READY")[0]!.d as { guilds: string[] }).guilds).toEqual(["identify-fails", "identify-ok"]);
+    await again.identify("dir-user");
+    expect((again.dispatches("READY")[0]!.d as { guilds: string[] }).guilds).toEqual(["identify-dir"]);
+  });
+
+  it("a guild joined while it cannot be reached is announced once it can be, and the user directory keeps the session", async () => {
+    await addMember("join-home", "join-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("join-user");
+    const broken = await unreachableSubscribe("join-later");
+    try {
+      await addMember("join-later", "join-user");
+      await eventually(() => broken.tries() >= 1, "the session trying to subscribe");
+      // The session took the change and keeps trying itself: nothing is owed to it, so the
+      // directory will not forget a live session however long the guild stays away.
+      const pending = await runInDurableObject(env.USER.get(env.USER.idFromName("join-user")), (_user, state) =>
+        state.storage.sql.exec("SELECT * FROM pending_notices").toArray(),
+      );
+      expect(pending).toEqual([]);
+      expect(await userSessions("join-user")).toEqual([sessionId]);
+      // Still failing a second later: tried again, backing off.
+      await eventually(() => broken.tries() >= 2, "a second try", 4000);
+      expect(client.dispatches("GUILD_CREATE")).toEqual([]);
+    } finally {
+      broken.restore();
+    }
+    await client.waitFor(() => client.dispatches("GUILD_CREATE")[0], "GUILD_CREATE once the guild is back", 8000);
+    await post("join-later", "join-user", "welcome");
+    await client.waitFor(() => client.messageSeqs("join-later").length === 1, "the joined guild's message");
+  });
+
+  it("a RESUME whose guild cannot be reached still resumes, and misses nothing of it once the guild is back", async () => {
+    const { client, sessionId } = await sessionAfterFirstMessage("resume-broken", "rb-user");
+    client.ws.close(4000, "network dropped");
+    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    await post("resume-broken", "rb-user", "m2"); // kept by the disconnected session
+    const broken = await unreachableSubscribe("resume-broken");
+    const resumed = await TestClient.connect();
+    try {
+      await resumed.resume("rb-user", sessionId, 2);
+      // Sent while the guild still delivers to the session's old object.
+      await post("resume-broken", "rb-user", "m3");
+    } finally {
+      broken.restore();
+    }
+    expect(resumed.closed).toBeNull();
+    await resumed.waitFor(() => resumed.messageSeqs().length === 2, "m2 and m3 (m3 pulled once the guild is back)", 8000);
+    await post("resume-broken", "rb-user", "m4");
+    await resumed.waitFor(() => resumed.messageSeqs().length === 3, "m4");
+    expect(resumed.messageSeqs()).toEqual([2, 3, 4]);
+    expect(resumed.dispatches().map((f) => f.s)).toEqual([3, 4, 5, 6]);
+    expect(resumed.dispatches().map((f) => f.t)).toEqual(["MESSAGE_CREATE", "RESUMED", "MESSAGE_CREATE", "MESSAGE_CREATE"]);
   });
 
   it("a RESUME catches up on a guild joined and a guild left while the session was being handed over", async () => {

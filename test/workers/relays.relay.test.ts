@@ -214,6 +214,7 @@ describe("relays that fail or are slow", () => {
     expect((await guildStub(guildId).fanoutState()).relays).toBe(3);
     // Sessions hold their first delivery, so the relays queue the next two messages for them.
     const hold = await holdDeliveries("m1");
+    let tenth: TestClient | undefined;
     let failures = 0;
     const restoreAssign = await patchMethod<{ ctx: DurableObjectState }>(relayStub(guildId, 1), "assign", (self, original, args) => {
       if (self.ctx.id.equals(env.RELAY.idFromName(`${guildId}/relay/1`)) && args[3] === true && failures++ === 0) throw new Error("relay 1 unreachable");
@@ -224,11 +225,10 @@ describe("relays that fail or are slow", () => {
       await eventually(() => hold.held() === clients.length, "every session's first delivery to be held");
       for (const n of [2, 3]) await post(guildId, "sf-0", `m${n}`);
       await scheduler.wait(50); // the relays have them queued
-      // A 10th session: relays double, and relay 1 fails its new assignment (the join fails with it).
-      await join(guildId, "sf-9").then(
-        () => expect.fail("the join succeeded"),
-        () => undefined,
-      );
+      // A 10th session: relays double, and relay 1 fails its new assignment. The session's
+      // subscribe fails with it: READY without the guild, which it is given once it can be.
+      tenth = await join(guildId, "sf-9");
+      expect((tenth.dispatches("READY")[0]!.d as { guilds: string[] }).guilds).toEqual([]);
       expect(failures).toBeGreaterThan(0);
     } finally {
       restoreAssign();
@@ -241,6 +241,10 @@ describe("relays that fail or are slow", () => {
       await client.waitFor(() => client.messageSeqs().length === 3, "all three messages", 5000);
       expect(client.messageSeqs()).toEqual([1, 2, 3]);
     }
+    await tenth!.waitFor(() => tenth.dispatches("GUILD_CREATE")[0], "the 10th session given the guild");
+    await post(guildId, "sf-9", "m4");
+    for (const client of [...clients, tenth!]) await client.waitFor(() => client.messageSeqs().at(-1) === 4, "m4");
+    expect(tenth!.messageSeqs()).toEqual([4]);
   });
 
   /** Sessions of users `${prefix}-0…`, with their ids, and the relay serving the first. */

@@ -15,6 +15,8 @@ export interface Env {
   AUTH_SECRET?: string;
   ENVIRONMENT?: string;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string;
+  /** `name=value,…` sent with every span export (a backend's API key): a secret. */
+  OTEL_EXPORTER_OTLP_HEADERS?: string;
   /** How long one span export may take in all, in ms (default 10000). */
   OTEL_EXPORTER_OTLP_TIMEOUT?: string;
   TRACE_SAMPLE_RATE?: string;

@@ -13,12 +13,11 @@ import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
  * `HttpError` turned into `{"error": {"code", "message"}}` in one place.
  */
 export async function handleRequest(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
-  if (!new URL(request.url).pathname.startsWith("/api/")) return respond(request, env);
   let telemetry: Telemetry;
   try {
     telemetry = telemetryFor("guildwire-api", env);
-    // The objects refuse to start on a bad fanout or transport setting; name it here instead of
-    // answering internal_error for every request they would have served.
+    // The objects refuse to start on a bad fanout, transport or tracing setting; name it here
+    // (for `/gateway` too) instead of answering internal_error for every request they would serve.
     if (!checkedSettings.has(env)) {
       deliveryConfig(env);
       checkedSettings.add(env);
@@ -27,6 +26,8 @@ export async function handleRequest(request: Request, env: Env, ctx: ExecutionCo
     // A bad setting (TRACE_SAMPLE_RATE, FANOUT_SAMPLING, RELAY_SIZE, …): say so, don't crash.
     return errorResponse(new HttpError(500, "server_misconfigured", error instanceof Error ? error.message : String(error)));
   }
+  // Only the API's routes are traced: `/gateway` hands the socket to its session, which has none.
+  if (!new URL(request.url).pathname.startsWith("/api/")) return respond(request, env);
   return withServerSpan(request, telemetry, (promise) => ctx.waitUntil(promise), () => respond(request, env));
 }
 
@@ -68,7 +69,7 @@ async function route(request: Request, env: Env): Promise<Response> {
     if (path[2] === "bench-room" && path.length === 4 && isValidId(path[3])) {
       allow(method, ["GET", "POST"]);
       const room = env.BROADCAST_ROOM.get(env.BROADCAST_ROOM.idFromName(path[3]));
-      if (method === "GET") return room.fetch(request);
+      if (method === "GET" || method === "HEAD") return request.headers.get("Upgrade")?.toLowerCase() === "websocket" ? room.fetch(request) : upgradeRequired(request);
       // Read (size-capped) and checked here, like any other body, before the room sees it.
       const { content } = await readJsonObject(request);
       if (!isValidContent(content)) throw new HttpError(400, "invalid_content", CONTENT_RULE);
@@ -121,11 +122,13 @@ async function route(request: Request, env: Env): Promise<Response> {
 }
 
 function openGateway(request: Request, env: Env): Promise<Response> {
-  if (request.headers.get("Upgrade")?.toLowerCase() !== "websocket") {
-    throw new HttpError(426, "upgrade_required", "GET /gateway expects a WebSocket upgrade", { Upgrade: "websocket" });
-  }
+  if (request.headers.get("Upgrade")?.toLowerCase() !== "websocket") upgradeRequired(request);
   // A new object per connection; its id is the session id clients resume with.
   return env.SESSION.get(env.SESSION.newUniqueId()).fetch(request);
+}
+
+function upgradeRequired(request: Request): never {
+  throw new HttpError(426, "upgrade_required", `GET ${new URL(request.url).pathname} expects a WebSocket upgrade`, { Upgrade: "websocket" });
 }
 
 async function issueDevToken(request: Request, env: Env): Promise<Response> {

@@ -129,7 +129,8 @@ export class Relay extends DurableObject<Env> {
       const { message: event, carrier, recipients } = normalize(incoming);
       first = Math.min(first, event.seq);
       last = Math.max(last, event.seq);
-      const parent = contextFromCarrier(carrier);
+      // A version sending bare messages (TRANSPORT_MODE=bare, as during a rollback) traces nothing here, as its guilds do not.
+      const parent = this.config.transportMode === "bare" ? undefined : contextFromCarrier(carrier);
       if (!parent) {
         naiveSends.push(this.fanout.publish(() => event));
         continue;

@@ -141,11 +141,15 @@ const RETRYABLE_STATUS = new Set([502, 503, 504]);
  * retried at once (the collector is shedding load), nor is a timeout (the collector may have
  * taken the spans and be slow to say so).
  */
-export function otlpExporter(endpoint: string, timeoutMs = DEFAULT_EXPORT_TIMEOUT_MS): SpanExporter {
-  const url = `${endpoint.replace(/\/+$/, "")}/v1/traces`;
+export function otlpExporter(endpoint: string, timeoutMs = DEFAULT_EXPORT_TIMEOUT_MS, extraHeaders: Record<string, string> = {}): SpanExporter {
+  // `{endpoint}/v1/traces`, the path appended to the endpoint's own (its query string kept).
+  const target = new URL(endpoint);
+  target.pathname = `${target.pathname.replace(/\/+$/, "")}/v1/traces`;
+  const url = target.toString();
+  const headers = { ...extraHeaders, "content-type": "application/json" };
   const post = async (body: Uint8Array, signal: AbortSignal): Promise<{ ok: boolean; retry: boolean; error?: Error }> => {
     try {
-      const response = await fetch(url, { method: "POST", headers: { "content-type": "application/json" }, body, signal });
+      const response = await fetch(url, { method: "POST", headers, body, signal });
       await response.arrayBuffer();
       if (response.ok) return { ok: true, retry: false };
       return { ok: false, retry: RETRYABLE_STATUS.has(response.status), error: new Error(`collector answered ${response.status}`) };

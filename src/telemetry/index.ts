@@ -35,6 +35,7 @@ export type ServiceName = "guildwire-api" | "guildwire-guild" | "guildwire-sessi
 
 export interface TelemetryEnv {
   OTEL_EXPORTER_OTLP_ENDPOINT?: string;
+  OTEL_EXPORTER_OTLP_HEADERS?: string;
   OTEL_EXPORTER_OTLP_TIMEOUT?: string;
   TRACE_SAMPLE_RATE?: string;
 }
@@ -155,7 +156,11 @@ export function parseSampleRate(value: string | undefined): number {
 export const exportTimeout = (env: TelemetryEnv): number =>
   positiveIntegerVar("OTEL_EXPORTER_OTLP_TIMEOUT", env.OTEL_EXPORTER_OTLP_TIMEOUT, DEFAULT_EXPORT_TIMEOUT_MS);
 
-/** OTEL_EXPORTER_OTLP_ENDPOINT: empty (tracing off) or an http(s) base URL; anything else would fail every export, quietly. */
+/**
+ * OTEL_EXPORTER_OTLP_ENDPOINT: empty (tracing off) or an http(s) base URL; anything else would
+ * fail every export, quietly. Credentials belong in OTEL_EXPORTER_OTLP_HEADERS: `fetch` would
+ * drop a URL's user:password without a word.
+ */
 export function parseEndpoint(value: string | undefined): string {
   if (!value) return "";
   let url: URL | undefined;
@@ -164,10 +169,42 @@ export function parseEndpoint(value: string | undefined): string {
   } catch {
     // reported below
   }
+  const shown = value.replace(/^(.*?:\/\/)?[^/@]*@/, "$1…@"); // never echo credentials
   if (url?.protocol !== "http:" && url?.protocol !== "https:") {
-    throw new Error(`OTEL_EXPORTER_OTLP_ENDPOINT is "${value}"; expected an http:// or https:// URL, or empty to turn tracing off`);
+    throw new Error(`OTEL_EXPORTER_OTLP_ENDPOINT is "${shown}"; expected an http:// or https:// URL, or empty to turn tracing off`);
+  }
+  if (url.username || url.password) {
+    throw new Error(`OTEL_EXPORTER_OTLP_ENDPOINT "${shown}" has credentials in it; send them with OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Basic%20…) instead`);
   }
   return value;
+}
+
+const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+
+/**
+ * OTEL_EXPORTER_OTLP_HEADERS: `name=value` pairs separated by commas, values percent-encoded
+ * (the OpenTelemetry convention), sent with every export — how hosted backends take their API
+ * key. A secret: errors name the entry, never its value.
+ */
+export function parseHeaders(value: string | undefined): Record<string, string> {
+  const headers: Record<string, string> = {};
+  for (const [index, entry] of (value ?? "").split(",").entries()) {
+    if (entry.trim() === "") continue;
+    const at = entry.indexOf("=");
+    const name = entry.slice(0, Math.max(at, 0)).trim();
+    let decoded: string | undefined;
+    try {
+      decoded = decodeURIComponent(entry.slice(at + 1).trim());
+    } catch {
+      // reported below
+    }
+    if (!HEADER_NAME.test(name) || decoded === undefined || /[\0\r\n]/.test(decoded)) {
+      const which = HEADER_NAME.test(name) ? `"${name}"` : `number ${index + 1}`;
+      throw new Error(`OTEL_EXPORTER_OTLP_HEADERS: entry ${which} is not name=value with a percent-encoded value`);
+    }
+    headers[name.toLowerCase()] = decoded;
+  }
+  return headers;
 }
 
 /** The telemetry of one service, shared within the isolate. */
@@ -176,16 +213,18 @@ export function telemetryFor(service: ServiceName, env: TelemetryEnv): Telemetry
   // Only the API starts traces; guilds and sessions continue them or do nothing.
   const rootSampleRate = service === "guildwire-api" ? parseSampleRate(env.TRACE_SAMPLE_RATE) : 0;
   const timeoutMs = exportTimeout(env); // checked on every call: a bad value fails loudly, always
-  const key = `${service}|${endpoint}|${rootSampleRate}`;
+  const headersSetting = env.OTEL_EXPORTER_OTLP_HEADERS ?? "";
+  const headers = parseHeaders(headersSetting);
+  const key = `${service}|${endpoint}|${headersSetting}|${rootSampleRate}`;
   let telemetry = telemetries.get(key);
   if (!telemetry) {
     context.setGlobalContextManager(new AsyncLocalStorageContextManager()); // no-op if one is set
     // One queue per service: what a session hands back must be its own spans, never spans a
     // guild or relay in the same isolate adopted (they would travel back and forth).
-    const queueKey = `${service}|${endpoint}`;
+    const queueKey = `${service}|${endpoint}|${headersSetting}`;
     let queue = queues.get(queueKey) ?? null;
     if (!queue && (exporterOverride || endpoint)) {
-      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, timeoutMs), timeoutMs);
+      queue = new SpanExportQueue(exporterOverride ?? otlpExporter(endpoint, timeoutMs, headers), timeoutMs);
       queues.set(queueKey, queue);
     }
     telemetry = new Telemetry(service, queue, rootSampleRate);

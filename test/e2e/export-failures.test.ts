@@ -23,6 +23,8 @@ type FirstAttempt = "pass" | "hang" | "503" | "400";
 
 interface FlakyCollector {
   url: string;
+  /** Every request's path and query, and its x-api-key header. */
+  requests: { url: string; apiKey: string | undefined }[];
   firstAttempt: FirstAttempt;
   /** Per distinct request body: what its first attempt got, and how many attempts came. */
   bodies: Map<string, { first: FirstAttempt; attempts: number }>;
@@ -31,7 +33,7 @@ interface FlakyCollector {
 
 async function startFlakyCollector(upstream: string): Promise<FlakyCollector> {
   const held: ServerResponse[] = [];
-  const proxy: FlakyCollector = { url: "", firstAttempt: "pass", bodies: new Map(), close: async () => {} };
+  const proxy: FlakyCollector = { url: "", requests: [], firstAttempt: "pass", bodies: new Map(), close: async () => {} };
   const readBody = async (request: IncomingMessage): Promise<Buffer> => {
     const chunks: Buffer[] = [];
     for await (const chunk of request) chunks.push(chunk as Buffer);
@@ -39,6 +41,7 @@ async function startFlakyCollector(upstream: string): Promise<FlakyCollector> {
   };
   const server = createServer(async (request, response) => {
     const body = await readBody(request);
+    proxy.requests.push({ url: request.url!, apiKey: request.headers["x-api-key"] as string | undefined });
     const key = createHash("sha256").update(body).digest("hex");
     let seen = proxy.bodies.get(key);
     if (!seen) proxy.bodies.set(key, (seen = { first: proxy.firstAttempt, attempts: 0 }));
@@ -47,7 +50,7 @@ async function startFlakyCollector(upstream: string): Promise<FlakyCollector> {
       else response.writeHead(Number(seen.first)).end("no");
       return;
     }
-    const answer = await fetch(`${upstream}${request.url}`, {
+    const answer = await fetch(`${upstream}/v1/traces`, {
       method: request.method!,
       headers: { "content-type": request.headers["content-type"] ?? "application/json" },
       body: new Uint8Array(body),
@@ -70,6 +73,7 @@ const attemptsOf = (proxy: FlakyCollector, first: FirstAttempt): number[] =>
   [...proxy.bodies.values()].filter((b) => b.first === first).map((b) => b.attempts);
 
 const TIMEOUT_MS = 500;
+const API_KEY = "s3cret, with a comma";
 
 describe("span export to a collector that misbehaves", () => {
   let dir: string;
@@ -83,7 +87,14 @@ describe("span export to a collector that misbehaves", () => {
     dir = mkdtempSync(join(tmpdir(), "guildwire-export-"));
     collector = await startCollector({ port: 0, dir });
     proxy = await startFlakyCollector(collector.url);
-    server = await startDevServer({ vars: { OTEL_EXPORTER_OTLP_ENDPOINT: proxy.url, OTEL_EXPORTER_OTLP_TIMEOUT: String(TIMEOUT_MS) } });
+    // An endpoint with a path and a query, and an API key, as hosted backends have them.
+    server = await startDevServer({
+      vars: {
+        OTEL_EXPORTER_OTLP_ENDPOINT: `${proxy.url}/otlp/?tenant=t1`,
+        OTEL_EXPORTER_OTLP_HEADERS: `x-api-key=${encodeURIComponent(API_KEY)}`,
+        OTEL_EXPORTER_OTLP_TIMEOUT: String(TIMEOUT_MS),
+      },
+    });
     api = new Api(server.url, devTokens(server.url));
     clients = new Clients(() => server!.url);
   }, 90_000);
@@ -134,6 +145,13 @@ describe("span export to a collector that misbehaves", () => {
       await sleep(100);
     }
   }
+
+  it("sends every export to {endpoint}/v1/traces with OTEL_EXPORTER_OTLP_HEADERS", async () => {
+    const { traceId } = await sampledMessage(1);
+    await waitForFanoutTrace(collector!.url, traceId);
+    expect(proxy!.requests.length).toBeGreaterThan(0);
+    expect(new Set(proxy!.requests.map((r) => JSON.stringify(r)))).toEqual(new Set([JSON.stringify({ url: "/otlp/v1/traces?tenant=t1", apiKey: API_KEY })]));
+  });
 
   it("gives up on an export the collector never answers after the timeout, and says so; later exports go through", async () => {
     proxy!.firstAttempt = "hang";

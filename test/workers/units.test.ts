@@ -20,7 +20,7 @@ import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
 import type { Session } from "../../src/session/session.ts";
 import { SpanExportQueue } from "../../src/telemetry/export.ts";
-import { EXPORT_DELAY_MS, type SpanRecord, Telemetry, exportTimeout } from "../../src/telemetry/index.ts";
+import { EXPORT_DELAY_MS, type SpanRecord, Telemetry, exportTimeout, parseEndpoint, parseHeaders } from "../../src/telemetry/index.ts";
 import { fromSpanRecord, toSpanRecord } from "../../src/telemetry/span-record.ts";
 import { SampledTracer } from "../../src/telemetry/tracer.ts";
 import type { Incoming } from "../../src/transport/index.ts";
@@ -418,14 +418,45 @@ describe("a bad setting", () => {
     ["RELAY_SIZE", "lots"],
     ["FANOUT_MAX_IN_FLIGHT", "-1"],
     ["FANOUT_MAX_BACKLOG", "1.5"],
-  ])("%s=%s: the API answers 500 server_misconfigured, naming the setting", async (name, value) => {
-    const ctx = createExecutionContext();
-    const response = await handleRequest(new Request("http://gateway.test/api/guilds/g/messages"), { ...env, [name]: value }, ctx);
-    await waitOnExecutionContext(ctx);
-    expect(response.status).toBe(500);
-    const body = (await response.json()) as { error: { code: string; message: string } };
-    expect(body.error.code).toBe("server_misconfigured");
-    expect(body.error.message).toContain(name);
+    ["OTEL_EXPORTER_OTLP_HEADERS", "x-api-key"],
+  ])("%s=%s: the API and the gateway answer 500 server_misconfigured, naming the setting", async (name, value) => {
+    const requests = [
+      new Request("http://gateway.test/api/guilds/g/messages"),
+      new Request("http://gateway.test/gateway", { headers: { Upgrade: "websocket" } }),
+    ];
+    for (const request of requests) {
+      const ctx = createExecutionContext();
+      const response = await handleRequest(request, { ...env, [name]: value }, ctx);
+      await waitOnExecutionContext(ctx);
+      expect(response.status, request.url).toBe(500);
+      const body = (await response.json()) as { error: { code: string; message: string } };
+      expect(body.error.code).toBe("server_misconfigured");
+      expect(body.error.message).toContain(name);
+    }
+  });
+
+  it("never repeats a secret: credentials in the endpoint, or a header's value", () => {
+    expect(() => parseEndpoint("https://user:s3cret@collector.example")).toThrow(/OTEL_EXPORTER_OTLP_HEADERS/);
+    expect(() => parseEndpoint("https://user:s3cret@collector.example")).not.toThrow(/s3cret/);
+    expect(() => parseEndpoint("user:s3cret@collector.example")).not.toThrow(/s3cret/);
+    expect(() => parseHeaders("authorization=Bearer%20s3cret,x-bad=%E0%A4%A")).toThrow(/entry "x-bad"/);
+    expect(() => parseHeaders("authorization=Bearer%20s3cret,x-bad=%E0%A4%A")).not.toThrow(/s3cret|%E0/);
+    expect(() => parseHeaders("bad name=s3cret")).toThrow(/entry number 1/);
+  });
+});
+
+describe("OTEL_EXPORTER_OTLP_HEADERS", () => {
+  it("reads name=value pairs with percent-encoded values, as OpenTelemetry SDKs do", () => {
+    expect(parseHeaders(undefined)).toEqual({});
+    expect(parseHeaders("")).toEqual({});
+    expect(parseHeaders("x-honeycomb-team=abc123, Authorization=Basic%20dXNlcjpwYXNz ,x-note=caf%C3%A9%2Cau%20lait,")).toEqual({
+      "x-honeycomb-team": "abc123",
+      authorization: "Basic dXNlcjpwYXNz",
+      "x-note": "café,au lait",
+    });
+    expect(parseHeaders("x-empty=")).toEqual({ "x-empty": "" });
+    expect(() => parseHeaders("=value")).toThrow();
+    expect(() => parseHeaders("x-newline=a%0D%0Ab")).toThrow();
   });
 });
 

@@ -713,9 +713,10 @@ describe("guildwire over wrangler dev (development)", () => {
     );
 
     it(
-      "426 for GET /gateway without a WebSocket upgrade",
+      "426 for GET /gateway (or the bench room) without a WebSocket upgrade",
       async () => {
         expectError(await api.request("GET", "/gateway"), 426);
+        expectError(await api.request("GET", "/api/dev/bench-room/r1"), 426);
       },
       TEST_TIMEOUT,
     );

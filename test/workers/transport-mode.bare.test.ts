@@ -1,7 +1,7 @@
 import { SELF, env } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
-import { ENVELOPE_BRAND } from "../../src/transport/index.ts";
+import { ENVELOPE_BRAND, wrap } from "../../src/transport/index.ts";
 import { TestClient, addMember, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
 
@@ -40,6 +40,21 @@ describe("TRANSPORT_MODE=bare", () => {
     const spans = recordedSpans.getFinishedSpans();
     // The Worker's own server span is not the Transport's to suppress; nothing crosses an object boundary.
     expect(spans.map(service).filter((s) => s !== "guildwire-api")).toEqual([]);
+  });
+
+  it("a relay sends bare too, and records no span, when an event reaches it in an envelope", async () => {
+    await addMember("bare-relay", "br-a");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("br-a");
+    const relay = env.RELAY.get(env.RELAY.idFromName("bare-relay/relay/0"));
+    await relay.assign("bare-relay", [{ sessionId, userId: "br-a", target: sessionId, backlog: [] }], []);
+    recordedSpans.reset();
+    const message = { id: "m1", guild_id: "bare-relay", author_id: "br-a", content: "c1", seq: 1, timestamp: "2026-11-22T00:00:00.000Z" };
+    const event = { type: "MESSAGE_CREATE" as const, seq: 1, data: JSON.stringify(message) };
+    await relay.publish([wrap(event, { carrier: { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" }, recipients: 1 })]);
+    await client.waitFor(() => client.messageSeqs().length === 1, "the relayed event");
+    await scheduler.wait(50);
+    expect(recordedSpans.getFinishedSpans().map((span) => `${service(span)}:${span.name}`)).toEqual([]);
   });
 
   it("still accepts envelopes from senders in envelope mode (a rollout in progress)", async () => {

@@ -10,6 +10,13 @@ export interface Carrier {
 /** W3C limits: at most 32 list members, and we cap the header at 512 characters. */
 export const TRACESTATE_MAX_MEMBERS = 32;
 export const TRACESTATE_MAX_LENGTH = 512;
+/** Members longer than this go first when a tracestate must be cut (W3C Trace Context §3.3.1.5). */
+const TRACESTATE_LONG_MEMBER = 128;
+/**
+ * The longest header 32 valid members can make (keys and values of 256 characters, a space
+ * either side of each comma): anything longer is not a list to keep, and is not even parsed.
+ */
+const TRACESTATE_MAX_HEADER = TRACESTATE_MAX_MEMBERS * (256 + 1 + 256) + (TRACESTATE_MAX_MEMBERS - 1) * 3;
 /** A traceparent is 55 characters; a future version may add fields, but not kilobytes. */
 const TRACEPARENT_MAX_LENGTH = 256;
 
@@ -17,15 +24,15 @@ const TRACESTATE_KEY = /^(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,24
 const TRACESTATE_VALUE = /^[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]$/;
 
 /**
- * Validates and caps a tracestate header. Invalid members make the whole header invalid (as the
- * W3C spec asks); members beyond the 32-member or 512-character caps are dropped from the end.
- * Returns `undefined` when nothing valid is left.
+ * Validates and caps a tracestate header before it is forwarded to thousands of sessions.
+ * Invalid members make the whole header invalid (as the W3C spec asks). Past 32 members the rest
+ * are dropped; past 512 characters, members over 128 characters are dropped first, then members
+ * from the end (the spec's truncation order). Returns `undefined` when nothing valid is left.
  */
 export function sanitizeTracestate(header: unknown): string | undefined {
-  if (typeof header !== "string" || header.length > TRACESTATE_MAX_LENGTH * 8) return undefined;
-  const kept: string[] = [];
+  if (typeof header !== "string" || header.length > TRACESTATE_MAX_HEADER) return undefined;
+  let kept: string[] = [];
   const seen = new Set<string>();
-  let length = 0;
   for (const raw of header.split(",")) {
     const member = raw.trim();
     if (member === "") continue;
@@ -34,12 +41,11 @@ export function sanitizeTracestate(header: unknown): string | undefined {
     if (eq <= 0 || !TRACESTATE_KEY.test(key) || !TRACESTATE_VALUE.test(member.slice(eq + 1))) return undefined;
     if (seen.has(key)) return undefined;
     seen.add(key);
-    const added = member.length + (kept.length > 0 ? 1 : 0);
-    if (kept.length < TRACESTATE_MAX_MEMBERS && length + added <= TRACESTATE_MAX_LENGTH) {
-      kept.push(member);
-      length += added;
-    }
+    if (kept.length < TRACESTATE_MAX_MEMBERS) kept.push(member);
   }
+  const length = (members: string[]) => members.reduce((n, member) => n + member.length, members.length - 1);
+  if (length(kept) > TRACESTATE_MAX_LENGTH) kept = kept.filter((member) => member.length <= TRACESTATE_LONG_MEMBER);
+  while (kept.length > 0 && length(kept) > TRACESTATE_MAX_LENGTH) kept.pop();
   return kept.length > 0 ? kept.join(",") : undefined;
 }
 

@@ -117,6 +117,18 @@ describe("carrier validation", () => {
     expect(capped.split(",").length).toBeGreaterThan(5);
   });
 
+  it("cuts a tracestate over 512 characters as W3C asks: members over 128 characters first, then from the end", () => {
+    const long = (i: number) => `long${i}=${"v".repeat(150)}`;
+    const short = (i: number) => `k${i}=v${i}`;
+    const members = [long(0), short(0), long(1), ...Array.from({ length: 40 }, (_, i) => short(i + 1))];
+    // The first 32 members, less the two long ones: 30 short ones, well under 512 characters.
+    expect(sanitizeTracestate(members.join(","))).toBe([short(0), ...Array.from({ length: 29 }, (_, i) => short(i + 1))].join(","));
+    // A long header of valid members (~4,800 characters) is cut, not refused.
+    expect(sanitizeTracestate([...Array.from({ length: 31 }, (_, i) => long(i)), "z=1"].join(" , "))).toBe("z=1");
+    // Longer than 32 valid members could ever be: not even parsed.
+    expect(sanitizeTracestate(`a=1,${"b".repeat(20_000)}=1`)).toBeUndefined();
+  });
+
   it("drops a tracestate with an invalid or duplicate member, keeping the traceparent", () => {
     expect(sanitizeTracestate("a=1,B=2")).toBeUndefined();
     expect(sanitizeTracestate("a=1,a=2")).toBeUndefined();

@@ -177,35 +177,40 @@ export class Guild extends DurableObject<Env> {
     const readyAgain = this.readyToPublish();
     if (readyAgain) await readyAgain;
     let naiveSends: Promise<void> | undefined;
-    const result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
-      this.timings.time("message_create", () => {
-        const denied = this.checkMember(guildId, authorId); // removed while waiting for admission?
-        if (denied) return denied;
-        const message: Message = {
-          id: crypto.randomUUID(),
-          guild_id: guildId,
-          author_id: authorId,
-          content,
-          seq: this.lastSeq + 1,
-          timestamp: new Date().toISOString(),
-        };
-        this.sql.exec(
-          "INSERT INTO messages (seq, id, author_id, content, timestamp) VALUES (?, ?, ?, ?, ?)",
-          message.seq,
-          message.id,
-          message.author_id,
-          message.content,
-          message.timestamp,
-        );
-        this.lastSeq = message.seq;
-        this.checkpoint.accept(message.seq);
-        naiveSends = this.publish(messageCreateEvent(message));
-        return ok(message);
-      }),
-      this.traced,
-    );
-    await naiveSends; // the naive baseline answers once every RPC is back, as a first version would
-    this.telemetry.exportWhenDue(this.ctx, (this.relayCount > 0 ? this.relays : this.sessions).busy);
+    let result: GuildResult<Message>;
+    try {
+      result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
+        this.timings.time("message_create", () => {
+          const denied = this.checkMember(guildId, authorId); // removed while waiting for admission?
+          if (denied) return denied;
+          const message: Message = {
+            id: crypto.randomUUID(),
+            guild_id: guildId,
+            author_id: authorId,
+            content,
+            seq: this.lastSeq + 1,
+            timestamp: new Date().toISOString(),
+          };
+          this.sql.exec(
+            "INSERT INTO messages (seq, id, author_id, content, timestamp) VALUES (?, ?, ?, ?, ?)",
+            message.seq,
+            message.id,
+            message.author_id,
+            message.content,
+            message.timestamp,
+          );
+          this.lastSeq = message.seq;
+          this.checkpoint.accept(message.seq);
+          naiveSends = this.publish(messageCreateEvent(message));
+          return ok(message);
+        }),
+        this.traced,
+      );
+      await naiveSends; // the naive baseline answers once every RPC is back, as a first version would
+    } finally {
+      // A failed dispatch's span (ended with its error) goes out as a successful one's would.
+      this.telemetry.exportWhenDue(this.ctx, (this.relayCount > 0 ? this.relays : this.sessions).busy);
+    }
     return result;
   }
 

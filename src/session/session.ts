@@ -384,10 +384,16 @@ export class Session extends DurableObject<Env> {
         delivered?.succeed();
       } catch (error) {
         delivered?.fail(error);
+        await Promise.all(spans); // each ends with the failure (and never rejects)
         throw error;
       }
       if (spans.length > 0) await Promise.all(spans);
       return false;
+    }).catch((error: unknown) => {
+      // A failed delivery's spans are the ones an operator most wants, and no result carries
+      // them back: sent from here.
+      this.telemetry.exportPending(this.ctx);
+      throw error;
     });
     if (gone) return { gone: true };
     // Delivery spans: handed back for the caller to export with other sessions', or sent from here.

@@ -170,6 +170,23 @@ describe("a sampled event in a delivery", () => {
     expect(clients[0]!.messageSeqs(guildId)).toEqual([1, 2, 3, 4, 5]);
   });
 
+  it("exports a failed dispatch's span at once, with its error", async () => {
+    const guildId = "dispatch-fails";
+    await sessions(guildId, 1);
+    const restore = await patchMethod<{ guildId: string }>(env.GUILD.get(env.GUILD.idFromName(guildId)), "publish", function (self, original, args) {
+      if (self.guildId === guildId) throw new Error("fanout broke");
+      return original(...args);
+    });
+    try {
+      const response = await postWithHeaders(guildId, `${guildId}-u0`, { traceparent: traceparent(randomTraceId(), true) });
+      expect(response.status).toBe(500);
+      const spans = await waitForSpans((s) => s.some((x) => x.name === "guild.dispatch"), "the failed dispatch's span");
+      expect(spans.find((x) => x.name === "guild.dispatch")!.status.code).toBe(SpanStatusCode.ERROR);
+    } finally {
+      restore();
+    }
+  });
+
   it("ends with the delivery's failure when a later event's gap cannot be filled", async () => {
     const guildId = "fill-fails";
     const { ids } = await sessions(guildId, 1);
@@ -191,12 +208,12 @@ describe("a sampled event in a delivery", () => {
       restore();
     }
     // Both spans failed (event 1's too, though its frame was stored and sent: the delivery failed
-    // and will be retried); the next delivery hands them back.
+    // and will be retried). No result carries them back, so the session exports them itself, at
+    // once: no later delivery need come.
+    const failedSpans = await waitForSpans((s) => s.filter((x) => x.name === "session.deliver").length === 2, "the failed delivery's spans");
+    expect(failedSpans.filter((x) => x.name === "session.deliver").map((span) => span.status.code)).toEqual([SpanStatusCode.ERROR, SpanStatusCode.ERROR]);
     const next = await session.deliver({ guildId, events: [event(2)], returnSpans: true });
-    expect(next?.spans?.map((span) => [span.name, span.status.code])).toEqual([
-      ["session.deliver", SpanStatusCode.ERROR],
-      ["session.deliver", SpanStatusCode.ERROR],
-    ]);
+    expect(next?.spans).toBeUndefined();
   });
 });
 

@@ -78,8 +78,10 @@ export function fanoutText(attributes: Attributes): string | null {
   const recipients = attributes["messaging.batch.message_count"];
   if (typeof recipients !== "number") return null;
   const sampled = attributes["guildwire.fanout.sampled_recipients"];
+  const relays = attributes["guildwire.fanout.relays"];
   const noun = recipients === 1 ? "recipient" : "recipients";
-  return `fanout → ${recipients} ${noun}${typeof sampled === "number" ? `, ${sampled} sampled` : ""}`;
+  const via = typeof relays === "number" ? ` via ${relays} ${relays === 1 ? "relay" : "relays"}` : "";
+  return `fanout → ${recipients} ${noun}${via}${typeof sampled === "number" ? `, ${sampled} sampled` : ""}`;
 }
 
 const pct = (value: number): string => `${Math.min(100, Math.max(0, value)).toFixed(3)}%`;

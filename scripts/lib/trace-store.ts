@@ -21,7 +21,10 @@ export interface TraceSummary {
   startTime: string;
   startTimeUnixNano: string;
   durationMs: number;
-  /** From the first span with `messaging.batch.message_count`, if any. */
+  /**
+   * Recipients from the first span with `messaging.batch.message_count` (the guild's fanout), if
+   * any; sampled, summed over every span that counts them (the guild's, or each relay's share).
+   */
   fanout: { recipients: number; sampled: number | null } | null;
 }
 
@@ -239,10 +242,9 @@ export class TraceStore {
       if (span.status.code === 2) errorCount++;
       services.add(span.service);
       const recipients = span.attributes["messaging.batch.message_count"];
-      if (!fanout && typeof recipients === "number") {
-        const sampled = span.attributes["guildwire.fanout.sampled_recipients"];
-        fanout = { recipients, sampled: typeof sampled === "number" ? sampled : null };
-      }
+      if (!fanout && typeof recipients === "number") fanout = { recipients, sampled: null };
+      const sampled = span.attributes["guildwire.fanout.sampled_recipients"];
+      if (fanout && typeof sampled === "number") fanout.sampled = (fanout.sampled ?? 0) + sampled;
     }
     const first = root ?? sortedSpans(trace)[0];
     trace.summary = {

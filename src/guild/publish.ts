@@ -17,7 +17,7 @@ export interface PublishOptions {
   /** `guild.fanout` or `relay.fanout`. */
   spanName: string;
   guildId: string;
-  /** Sessions the whole fanout reaches: sets the tier, even when this object serves a share of them. */
+  /** Sessions the whole fanout reaches: sets the tier, even when this object serves a share of them (a relay). */
   recipients: number;
   /**
    * `sessions`: the fanout's recipients are sessions; each keeps the sampled flag at the tier rate.
@@ -46,7 +46,8 @@ export function publishEvent<Stub>(fanout: Fanout<Stub>, event: GuildEvent, opti
         "messaging.system": "guildwire",
         "messaging.operation.type": "send",
         "messaging.destination.name": options.guildId,
-        "messaging.batch.message_count": options.recipients,
+        // Sessions this span sends to: a relay's share, or (through relays) the whole guild's.
+        "messaging.batch.message_count": options.recipientKind === "sessions" ? fanout.size : options.recipients,
         "guildwire.fanout.sample_rate": rate,
         "guildwire.message.seq": event.seq,
         ...(options.recipientKind === "relays" ? { "guildwire.fanout.relays": fanout.size } : {}),

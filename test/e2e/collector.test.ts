@@ -220,6 +220,28 @@ describe("local trace collector", () => {
     expect((await getJson(`${collector.url}/api/traces/..%2F..%2Fetc%2Fpasswd`)).status).toBe(404);
   });
 
+  it("sums a fanout's sampled sessions over its relays", async () => {
+    const traceId = randomTraceId();
+    const [fanout, relay1, relay2] = [randomSpanId(), randomSpanId(), randomSpanId()];
+    const relay = (spanId: string, startMs: number, share: number, sampled: number) => ({
+      traceId,
+      spanId,
+      parentSpanId: fanout,
+      name: "relay.fanout",
+      kind: 4,
+      startMs,
+      durationMs: 1,
+      attributes: { "messaging.batch.message_count": share, "guildwire.fanout.sampled_recipients": sampled, "guildwire.fanout.sample_rate": 0.01 },
+    });
+    const spans = [
+      { traceId, spanId: fanout, name: "guild.fanout", kind: 4, startMs: 0, durationMs: 1, attributes: { "messaging.batch.message_count": 1000, "guildwire.fanout.relays": 2, "guildwire.fanout.sample_rate": 0.01 } },
+      relay(relay1, 1, 600, 5),
+      relay(relay2, 2, 400, 3),
+    ];
+    expect((await send(collector.url, exportRequest([{ service: "guildwire-guild", spans }]))).status).toBe(200);
+    expect((await traces(collector)).find((t) => t.traceId === traceId)?.fanout).toEqual({ recipients: 1000, sampled: 8 });
+  });
+
   it("decodes what the OpenTelemetry JS serializers send: JSON, protobuf, and gzip", async () => {
     const exporter = new InMemorySpanExporter();
     const provider = new BasicTracerProvider({

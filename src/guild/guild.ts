@@ -21,6 +21,8 @@ export interface CreateMessage {
 export const MAX_HISTORY_LIMIT = 100;
 /** Events a session may pull in one go to fill a gap; a longer gap takes several pulls. */
 const MAX_PULL = 1000;
+/** How long a removed member's sessions may still pull what was posted before the removal. */
+const DEPARTURE_KEPT_MS = 5 * 60_000;
 /** Messages one author may post per second, and the burst allowed on top. */
 const AUTHOR_RATE_PER_SECOND = 10;
 const AUTHOR_BURST = 50;
@@ -136,6 +138,7 @@ export class Guild extends DurableObject<Env> {
         seq INTEGER PRIMARY KEY, id TEXT NOT NULL, author_id TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL
       );
       CREATE TABLE IF NOT EXISTS subscriptions (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, target TEXT NOT NULL);
+      CREATE TABLE IF NOT EXISTS departures (user_id TEXT PRIMARY KEY, up_to INTEGER NOT NULL, at INTEGER NOT NULL);
     `);
   }
 
@@ -145,6 +148,7 @@ export class Guild extends DurableObject<Env> {
     return this.timings.time("member_add", async () => {
       this.adopt(guildId);
       const added = this.sql.exec("INSERT OR IGNORE INTO members (user_id, added_at) VALUES (?, ?)", userId, Date.now()).rowsWritten > 0;
+      this.sql.exec("DELETE FROM departures WHERE user_id = ?", userId); // a member again: reads as one
       // Always tell the user's directory (idempotent): a previous attempt may have failed after the insert.
       await this.user(userId).addGuild(guildId);
       return ok({ added });
@@ -155,6 +159,13 @@ export class Guild extends DurableObject<Env> {
     return this.timings.time("member_remove", async () => {
       if (!this.exists(guildId)) return fail(404, "unknown_guild", `guild ${guildId} does not exist`);
       const removed = this.sql.exec("DELETE FROM members WHERE user_id = ?", userId).rowsWritten > 0;
+      if (removed) {
+        // What was posted while they were a member is still theirs: their sessions pull what had
+        // not reached them yet before showing GUILD_DELETE (`eventsAfter`).
+        const now = Date.now();
+        this.sql.exec("DELETE FROM departures WHERE at < ?", now - DEPARTURE_KEPT_MS);
+        this.sql.exec("INSERT OR REPLACE INTO departures (user_id, up_to, at) VALUES (?, ?, ?)", userId, this.lastSeq, now);
+      }
       // Stop deliveries before anyone is told, so no MESSAGE_CREATE follows GUILD_DELETE.
       for (const [sessionId, subscriber] of this.subscribers) if (subscriber.userId === userId) await this.forget(sessionId);
       await this.user(userId).removeGuild(guildId);
@@ -320,10 +331,19 @@ export class Guild extends DurableObject<Env> {
     return this.syncing === 0 && this.sessions.drained && this.relays.drained ? undefined : null;
   }
 
-  /** Events after `after` (at most `limit`), for a subscribed session that found a gap. */
-  async eventsAfter(sessionId: string, after: number, limit: number): Promise<GuildEvent[]> {
-    if (!this.subscribers.has(sessionId)) return [];
-    return this.messagesAfter(after, Math.min(limit, MAX_PULL)).map(messageCreateEvent);
+  /**
+   * Events after `after` (at most `limit`), for a subscribed session that found a gap — or for a
+   * session of a member removed lately, up to the last message before the removal.
+   */
+  async eventsAfter(sessionId: string, after: number, limit: number, userId?: string): Promise<GuildEvent[]> {
+    let last = Infinity;
+    if (!this.subscribers.has(sessionId)) {
+      // A member removed lately: their sessions may still read what was posted before that.
+      const departure = userId === undefined || !this.guildId ? undefined : this.sql.exec<{ up_to: number }>("SELECT up_to FROM departures WHERE user_id = ?", userId).toArray()[0];
+      if (!departure) return [];
+      last = departure.up_to;
+    }
+    return this.messagesAfter(after, Math.max(0, Math.min(limit, MAX_PULL, last - after))).map(messageCreateEvent);
   }
 
   /** Live sessions and how they are reached, for operators and tests. */

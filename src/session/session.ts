@@ -288,7 +288,7 @@ export class Session extends DurableObject<Env> {
         await this.join(guilds.map(({ guildId }) => guildId).filter((guildId) => memberOf.has(guildId)));
         // Membership changes sent to the previous holder during the hand-off found no session
         // there: catch up on them here.
-        for (const { guildId } of guilds) if (!memberOf.has(guildId)) this.leaveGuild(guildId);
+        for (const { guildId } of guilds) if (!memberOf.has(guildId)) await this.leaveRemoved(guildId);
         await this.join([...memberOf].filter((guildId) => !guilds.some((position) => position.guildId === guildId)));
         this.dispatch("RESUMED", null);
       });
@@ -414,7 +414,7 @@ export class Session extends DurableObject<Env> {
 
   /** The user left a guild. Answers `gone` if the session has ended, as `guildAdded` does. */
   async guildRemoved(guildId: string): Promise<{ gone?: true }> {
-    return this.whileHolding(() => this.leaveGuild(guildId));
+    return this.whileHolding(() => this.leaveRemoved(guildId));
   }
 
   /** Runs `task` in the queue if the session is held here; answers `gone` if it has ended. */
@@ -444,7 +444,7 @@ export class Session extends DurableObject<Env> {
   private async join(guildIds: string[]): Promise<void> {
     const guilds = guildIds.map((guildId) => ({ guildId, lastSeq: this.guildSeq(guildId) }));
     const { subscribed, refused } = await this.subscribeAll(guilds);
-    for (const guildId of refused) this.leaveGuild(guildId);
+    for (const guildId of refused) await this.leaveRemoved(guildId);
     for (const { guildId, lastSeq } of guilds) if (lastSeq === undefined && subscribed.includes(guildId)) this.dispatch("GUILD_CREATE", { id: guildId });
   }
 
@@ -458,6 +458,22 @@ export class Session extends DurableObject<Env> {
   /** Nothing lives here: the session ended (or never started). One that moved is still alive elsewhere. */
   private get gone(): boolean {
     return this.state.status === "ended" || this.state.status === "connecting";
+  }
+
+  /**
+   * The user was removed from the guild: first show what was posted while they were still a
+   * member and has not arrived yet (the guild keeps that readable for a while: a 201 given
+   * before the removal is not taken back), then GUILD_DELETE.
+   */
+  private async leaveRemoved(guildId: string): Promise<void> {
+    const lastSeq = this.guildSeq(guildId);
+    if (lastSeq === undefined) return this.leaveGuild(guildId);
+    try {
+      await this.fillGap(guildId, lastSeq, Number.MAX_SAFE_INTEGER);
+    } catch (error) {
+      console.warn(`session: catching up on guild ${guildId} before leaving it failed:`, error);
+    }
+    this.leaveGuild(guildId);
   }
 
   /** No longer a member: forget the guild and tell the client, if it was subscribed. */
@@ -526,7 +542,7 @@ export class Session extends DurableObject<Env> {
   private async fillGap(guildId: string, lastSeq: number, nextSeq: number): Promise<number> {
     try {
       while (lastSeq + 1 < nextSeq) {
-        const missing = await this.guild(guildId).eventsAfter(this.state.sessionId, lastSeq, nextSeq - lastSeq - 1);
+        const missing = await this.guild(guildId).eventsAfter(this.state.sessionId, lastSeq, nextSeq - lastSeq - 1, this.state.userId);
         const before = lastSeq;
         for (const event of missing) {
           if (event.seq !== lastSeq + 1) break;

@@ -627,6 +627,39 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
     expect(resumed.dispatches().map((f) => f.t)).toEqual(["MESSAGE_CREATE", "RESUMED", "MESSAGE_CREATE", "MESSAGE_CREATE"]);
   });
 
+  it("a member removed right after posting still gets what was posted while a member, then GUILD_DELETE", async () => {
+    for (const i of [1, 2, 3]) {
+      const [guildId, userId] = [`removed-${i}`, `removed-user-${i}`];
+      await addMember(guildId, userId);
+      const client = await TestClient.connect();
+      await client.identify(userId);
+      await post(guildId, userId, "my own message"); // 201: accepted while a member
+      expect((await api("DELETE", `/api/guilds/${guildId}/members/${userId}`, "admin")).status).toBe(204);
+      await client.waitFor(() => client.dispatches("GUILD_DELETE")[0], "GUILD_DELETE");
+      expect(client.dispatches().map((f) => f.t)).toEqual(["READY", "MESSAGE_CREATE", "GUILD_DELETE"]);
+    }
+  });
+
+  it("a removal while deliveries are held: everything before it arrives in order, nothing after it", async () => {
+    const guildId = "removed-busy";
+    await addMember(guildId, "rb-stays");
+    const { client } = await sessionAfterFirstMessage(guildId, "rb-goes");
+    const hold = await holdDeliveries("second");
+    try {
+      for (const content of ["second", "third", "fourth"]) await post(guildId, "rb-stays", content);
+      await eventually(() => hold.held() > 0, "a held delivery");
+      expect((await api("DELETE", `/api/guilds/${guildId}/members/rb-goes`, "admin")).status).toBe(204);
+      await client.waitFor(() => client.dispatches("GUILD_DELETE")[0], "GUILD_DELETE");
+      await post(guildId, "rb-stays", "after the removal");
+    } finally {
+      hold.release();
+      hold.restore();
+    }
+    await scheduler.wait(100);
+    expect(client.messageSeqs(guildId)).toEqual([1, 2, 3, 4]);
+    expect(client.dispatches().map((f) => f.t)).toEqual(["READY", "MESSAGE_CREATE", "MESSAGE_CREATE", "MESSAGE_CREATE", "MESSAGE_CREATE", "GUILD_DELETE"]);
+  });
+
   it("a RESUME catches up on a guild joined and a guild left while the session was being handed over", async () => {
     for (const guildId of ["handoff-kept", "handoff-left"]) await addMember(guildId, "ho-user");
     const client = await TestClient.connect();

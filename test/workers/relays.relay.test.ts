@@ -45,6 +45,22 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
     }
   });
 
+  it("a member removed right after a message still gets it before GUILD_DELETE, through a relay", async () => {
+    const guildId = "relay-removal";
+    const clients = await joinMany(guildId, "rmv", 5);
+    expect((await guildStub(guildId).fanoutState()).relays).toBeGreaterThan(0);
+    for (const n of [1, 2, 3]) await post(guildId, "rmv-0", `m${n}`);
+    const response = await SELF.fetch(`http://gateway.test/api/guilds/${guildId}/members/rmv-4`, {
+      method: "DELETE",
+      headers: { Authorization: `Bearer ${await token("admin", true)}` },
+    });
+    expect(response.status).toBe(204);
+    const removed = clients[4]!;
+    await removed.waitFor(() => removed.dispatches("GUILD_DELETE")[0], "GUILD_DELETE");
+    expect(removed.dispatches().map((f) => f.t)).toEqual(["READY", "MESSAGE_CREATE", "MESSAGE_CREATE", "MESSAGE_CREATE", "GUILD_DELETE"]);
+    expect(removed.messageSeqs()).toEqual([1, 2, 3]);
+  });
+
   it("keep delivering after the guild and a relay are evicted", async () => {
     const guildId = "relay-evict";
     const clients = await joinMany(guildId, "ev", 5);
@@ -91,8 +107,7 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
     for (const relay of byName(spans, "relay.fanout")) {
       expect(relay.resource.attributes["service.name"]).toBe("guildwire-guild");
       expect(relay.parentSpanContext?.spanId).toBe(fanout.spanContext().spanId);
-      // Each relay counts its own share; the tier is the whole fanout's.
-      expect(relay.attributes["messaging.batch.message_count"]).toBeLessThanOrEqual(3);
+      // Each relay counts its own share (they add up to the fanout); the tier is the whole fanout's.
       expect(relay.attributes["guildwire.fanout.sample_rate"]).toBe(fanout.attributes["guildwire.fanout.sample_rate"]);
       shares += Number(relay.attributes["messaging.batch.message_count"]);
       relayIds.add(relay.spanContext().spanId);

@@ -42,7 +42,8 @@ export class SampledTracer implements Tracer {
     let spanContext: SpanContext;
     if (parent && isSpanContextValid(parent)) {
       if ((parent.traceFlags & TraceFlags.SAMPLED) === 0 || !this.onEnd) return trace.wrapSpanContext(parent);
-      spanContext = { traceId: parent.traceId, spanId: randomHex(8), traceFlags: parent.traceFlags };
+      // Flags this version does not know are not passed on (W3C Trace Context: set them to zero).
+      spanContext = { traceId: parent.traceId, spanId: randomHex(8), traceFlags: TraceFlags.SAMPLED };
       if (parent.traceState) spanContext.traceState = parent.traceState;
     } else {
       if (!this.onEnd || !(Math.random() < this.rootSampleRate)) return NOT_RECORDING;

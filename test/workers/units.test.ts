@@ -445,6 +445,17 @@ describe("a bad setting", () => {
   });
 });
 
+describe("SampledTracer", () => {
+  it("continues a sampled parent with only the flags it knows: unknown ones are not passed on", () => {
+    const ended: ReadableSpan[] = [];
+    const tracer = new SampledTracer(resourceFromAttributes({ "service.name": "guildwire-guild" }), 0, (span) => ended.push(span));
+    const parent = trace.setSpanContext(ROOT_CONTEXT, { traceId: "4bf92f3577b34da6a3ce929d0e0e4736", spanId: "00f067aa0ba902b7", traceFlags: 0xff });
+    const span = tracer.startSpan("guild.dispatch", {}, parent);
+    expect(span.spanContext().traceFlags).toBe(TraceFlags.SAMPLED);
+    expect(span.spanContext().traceId).toBe("4bf92f3577b34da6a3ce929d0e0e4736");
+  });
+});
+
 describe("OTEL_EXPORTER_OTLP_HEADERS", () => {
   it("reads name=value pairs with percent-encoded values, as OpenTelemetry SDKs do", () => {
     expect(parseHeaders(undefined)).toEqual({});

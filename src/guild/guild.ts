@@ -188,41 +188,49 @@ export class Guild extends DurableObject<Env> {
     const readyAgain = this.readyToPublish();
     if (readyAgain) await readyAgain;
     let naiveSends: Promise<void> | undefined;
-    let result: GuildResult<Message>;
     try {
-      result = await handle(incoming, "guild.dispatch", ({ guildId, authorId, content }) =>
-        this.timings.time("message_create", () => {
-          const denied = this.checkMember(guildId, authorId); // removed while waiting for admission?
-          if (denied) return denied;
-          const message: Message = {
-            id: crypto.randomUUID(),
-            guild_id: guildId,
-            author_id: authorId,
-            content,
-            seq: this.lastSeq + 1,
-            timestamp: new Date().toISOString(),
-          };
-          this.sql.exec(
-            "INSERT INTO messages (seq, id, author_id, content, timestamp) VALUES (?, ?, ?, ?, ?)",
-            message.seq,
-            message.id,
-            message.author_id,
-            message.content,
-            message.timestamp,
-          );
-          this.lastSeq = message.seq;
-          this.checkpoint.accept(message.seq);
-          naiveSends = this.publish(messageCreateEvent(message));
-          return ok(message);
-        }),
+      const result = await handle(
+        incoming,
+        "guild.dispatch",
+        (post) =>
+          this.timings.time("message_create", () => {
+            const stored = this.storeMessage(post);
+            if (stored.ok) naiveSends = this.publish(messageCreateEvent(stored.value));
+            return stored;
+          }),
         this.traced,
       );
       await naiveSends; // the naive baseline answers once every RPC is back, as a first version would
+      return result;
     } finally {
       // A failed dispatch's span (ended with its error) goes out as a successful one's would.
       this.telemetry.exportWhenDue(this.ctx, (this.relayCount > 0 ? this.relays : this.sessions).busy);
     }
-    return result;
+  }
+
+  /** Numbers and stores a post: the next `seq`, owed to every subscriber from here on. */
+  private storeMessage({ guildId, authorId, content }: CreateMessage): GuildResult<Message> {
+    const denied = this.checkMember(guildId, authorId); // removed while waiting for admission?
+    if (denied) return denied;
+    const message: Message = {
+      id: crypto.randomUUID(),
+      guild_id: guildId,
+      author_id: authorId,
+      content,
+      seq: this.lastSeq + 1,
+      timestamp: new Date().toISOString(),
+    };
+    this.sql.exec(
+      "INSERT INTO messages (seq, id, author_id, content, timestamp) VALUES (?, ?, ?, ?, ?)",
+      message.seq,
+      message.id,
+      message.author_id,
+      message.content,
+      message.timestamp,
+    );
+    this.lastSeq = message.seq;
+    this.checkpoint.accept(message.seq);
+    return ok(message);
   }
 
   /**

@@ -30,6 +30,7 @@ import { parseArgs } from "node:util";
 import WebSocket from "ws";
 import { startProfiling, summarise } from "./lib/cpu-profile.ts";
 import { type DevServer, runtimeUrl, startDevServer } from "./lib/dev-server.ts";
+import { DEFAULT_FANOUT_SAMPLING, fanoutSampleRate, keepSampled, parseFanoutTiers } from "../src/transport/sampling.ts";
 
 type Mode = "off" | "tiered" | "always" | "naive" | "single-object";
 const ALL_MODES: Mode[] = ["off", "tiered", "always", "naive", "single-object"];
@@ -209,11 +210,30 @@ async function request(url: string, init: RequestInit, expect: number[]): Promis
   }
 }
 
-/** An off round's requests say "not sampled": no span is made anywhere for them. */
-function tracingHeaders(traced: boolean): Record<string, string> {
-  if (traced) return {};
-  const hex = (bytes: number) => Array.from(crypto.getRandomValues(new Uint8Array(bytes)), (b) => b.toString(16).padStart(2, "0")).join("");
-  return { traceparent: `00-${hex(16)}-${hex(8)}-00` };
+const hex = (bytes: number) => Array.from(crypto.getRandomValues(new Uint8Array(bytes)), (b) => b.toString(16).padStart(2, "0")).join("");
+
+/**
+ * A request's trace. An off round's are `unsampled`: no span is made anywhere for them. Tiered
+ * and always rounds' posts are `sampled`, as the API would sample them itself there
+ * (TRACE_SAMPLE_RATE=1), with a trace id the clients know, so each can tell whether its session
+ * kept the sample. Other requests carry `none` and the API decides.
+ */
+function newTrace(kind: "unsampled" | "sampled" | "none"): { traceId?: string; headers: Record<string, string> } {
+  if (kind === "none") return { headers: {} };
+  const traceId = hex(16);
+  const traceparent = `00-${traceId}-${hex(8)}-${kind === "sampled" ? "01" : "00"}`;
+  return kind === "sampled" ? { traceId, headers: { traceparent } } : { headers: { traceparent } };
+}
+
+/** `all` less one occurrence of each of `some` (both sorted). */
+function withoutSampled(all: number[], some: number[]): number[] {
+  const rest: number[] = [];
+  let j = 0;
+  for (const value of all) {
+    if (j < some.length && some[j] === value) j++;
+    else rest.push(value);
+  }
+  return rest;
 }
 
 const percentile = (sorted: number[], p: number) => (sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!);
@@ -238,6 +258,11 @@ export interface Round {
   exportRequests: number;
   /** RPCs the guild made to sessions in the round (its `fanout_rpc` timing), when it fanned out directly. */
   sessionRpcs: number | null;
+  /**
+   * Traced rounds: deliveries of messages whose sample the receiving session kept (the tier's
+   * share) and the p99 of those and of the others, so a slower sampled path would show.
+   */
+  sampled: { deliveries: number; p99Ms: number; othersP99Ms: number } | null;
 }
 
 /** A mode's gateway with its clients connected, ready to measure rounds. */
@@ -290,24 +315,32 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
     // Messages are numbered across rounds; the clients parse `content` (the number) from
     // MESSAGE_CREATE to find when it was posted. A round counts only its own messages.
     const sentAt: number[] = [];
-    let current = { first: 0, latencies: [] as number[], delivered: 0, expected: 0, last: 0, done: () => {} };
+    /** Traced rounds: each message's trace id, and whether each session keeps its sample. */
+    const traceIds: (string | undefined)[] = [];
+    const sessionIds: string[] = [];
+    const sampleRate = fanoutSampleRate(sessions, parseFanoutTiers(varsFor(mode, sinkUrl).FANOUT_SAMPLING ?? DEFAULT_FANOUT_SAMPLING));
+    let current = { first: 0, latencies: [] as number[], sampledLatencies: [] as number[], delivered: 0, expected: 0, last: 0, done: () => {} };
 
     const wsBase = base.replace(/^http/, "ws");
     const url = singleObject ? `${wsBase}/api/dev/bench-room/${guildId}` : `${wsBase}/gateway`;
     const onMessage = (ws: WebSocket, i: number, ready: () => void) => (data: WebSocket.RawData) => {
-      const frame = JSON.parse(data.toString()) as { op: number; t?: string; d?: { content?: string; heartbeat_interval?: number } };
+      const frame = JSON.parse(data.toString()) as { op: number; t?: string; d?: { content?: string; heartbeat_interval?: number; session_id?: string } };
       if (frame.op === 10) {
         ws.send(JSON.stringify({ op: 2, d: { token: tokens[i] } }));
         // Heartbeat like a real client, or long set-ups (10,000 sessions) would time out (4009).
         const every = frame.d!.heartbeat_interval!;
         const timer = setInterval(() => ws.readyState === WebSocket.OPEN && ws.send('{"op":1,"d":null}'), every * 0.8);
         ws.once("close", () => clearInterval(timer));
-      } else if (frame.t === "READY") ready();
-      else if (frame.t === "MESSAGE_CREATE") {
+      } else if (frame.t === "READY") {
+        sessionIds[i] = frame.d!.session_id!;
+        ready();
+      } else if (frame.t === "MESSAGE_CREATE") {
         const index = Number(frame.d!.content);
         if (index < current.first) return; // an earlier round's straggler
         const now = performance.now();
         current.latencies.push(now - sentAt[index]!);
+        const traceId = traceIds[index];
+        if (traceId && keepSampled(traceId, sessionIds[i]!, sampleRate)) current.sampledLatencies.push(now - sentAt[index]!);
         current.last = now;
         if (++current.delivered === current.expected) current.done();
       }
@@ -340,7 +373,7 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
     // guild may be evicted between rounds, and its counts start again).
     const sessionRpcs = async (traced: boolean): Promise<number> => {
       if (singleObject) return 0;
-      const headers = { Authorization: `Bearer ${admin}`, ...tracingHeaders(traced) };
+      const headers = { Authorization: `Bearer ${admin}`, ...newTrace(traced ? "none" : "unsampled").headers };
       const timings = (await (await request(`${base}/api/guilds/${guildId}/timings`, { headers }, [200])).json()) as {
         minutes: { actions: Record<string, { count: number }> }[];
       };
@@ -353,7 +386,7 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
       const first = sentAt.length;
       const expected = sessions * count;
       const allDelivered = new Promise<void>((resolve) => {
-        current = { first, latencies: [], delivered: 0, expected, last: 0, done: resolve };
+        current = { first, latencies: [], sampledLatencies: [], delivered: 0, expected, last: 0, done: resolve };
       });
       const stopProfiling = values.profile ? await startProfiling(server.inspectorPort) : null;
       const cpuBefore = cpuSeconds(pid);
@@ -367,10 +400,12 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
         async (index) => {
           // Past the round's time limit nothing more is posted.
           if (performance.now() > deadline) return;
+          const trace = newTrace(as === "off" ? "unsampled" : as === "tiered" || as === "always" ? "sampled" : "none");
+          traceIds[index] = trace.traceId;
           sentAt[index] = performance.now();
           await request(postUrl, {
             method: "POST",
-            headers: { Authorization: `Bearer ${tokens[index % sessions]}`, ...tracingHeaders(traced) },
+            headers: { Authorization: `Bearer ${tokens[index % sessions]}`, ...trace.headers },
             body: JSON.stringify({ content: String(index) }),
           }, [201]);
         },
@@ -385,6 +420,7 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
       const elapsedSeconds = ((delivered === expected ? last : performance.now()) - started) / 1000;
       // The round ends here: what arrives later is not counted.
       const latencies = current.latencies.slice().sort((a, b) => a - b);
+      const sampledLatencies = current.sampledLatencies.slice().sort((a, b) => a - b);
       const workerdCpuSeconds = cpuSeconds(pid) - cpuBefore;
       const rpcs = (await sessionRpcs(traced)) - rpcsBefore;
       if (stopProfiling) writeFileSync(`${values.profile}-${as}.txt`, `${summarise(await stopProfiling()).join("\n")}\n`);
@@ -408,6 +444,7 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
         spansExported: sinkCounts().spans - sinkBefore.spans,
         exportRequests: sinkCounts().requests - sinkBefore.requests,
         sessionRpcs: rpcs > 0 ? rpcs : null,
+        sampled: traceIds[first] === undefined ? null : { deliveries: sampledLatencies.length, p99Ms: tenths(percentile(sampledLatencies, 99)), othersP99Ms: tenths(percentile(withoutSampled(latencies, sampledLatencies), 99)) },
       };
     };
 
@@ -425,8 +462,9 @@ async function startHarness(mode: Mode, sinkUrl: string, sinkCounts: () => SinkC
 
 /** A row: the median of its rounds, metric by metric (one round: that round). */
 function rowOf(mode: Mode, rounds: Round[], harness: Harness): Row {
-  const mid = (key: Exclude<keyof Round, "sessionRpcs">) => median(rounds.map((r) => r[key]));
+  const mid = (key: Exclude<keyof Round, "sessionRpcs" | "sampled">) => median(rounds.map((r) => r[key]));
   const rpcs = rounds.map((r) => r.sessionRpcs).filter((n) => n !== null);
+  const sampled = rounds.map((r) => r.sampled).filter((s) => s !== null);
   return {
     mode,
     sessions,
@@ -443,6 +481,10 @@ function rowOf(mode: Mode, rounds: Round[], harness: Harness): Row {
     spansExported: mid("spansExported"),
     exportRequests: mid("exportRequests"),
     sessionRpcs: rpcs.length > 0 ? median(rpcs) : null,
+    sampled:
+      sampled.length > 0
+        ? { deliveries: median(sampled.map((s) => s.deliveries)), p99Ms: median(sampled.map((s) => s.p99Ms)), othersP99Ms: median(sampled.map((s) => s.othersP99Ms)) }
+        : null,
     setupSeconds: harness.setupSeconds,
     rounds,
   };
@@ -463,7 +505,7 @@ const messagesOf = (mode: Mode) => (mode === "naive" ? naiveMessages : messages)
 const timeoutMs = (mode: Mode) => Number(mode === "naive" ? values["naive-seconds"] : values["timeout-seconds"]) * 1000;
 const report = (mode: Mode, r: Round, label = "") =>
   process.stderr.write(
-    `  ${mode}${label}: ${r.deliveries}/${r.expectedDeliveries} delivered, ${r.deliveriesPerSecond}/s, p99 ${r.p99Ms} ms, workerd CPU ${r.workerdCpuSeconds} s${r.spansExported ? `, ${r.spansExported} spans in ${r.exportRequests} requests` : ""}${r.sessionRpcs ? `, ${r.sessionRpcs} guild→session RPCs` : ""}\n`,
+    `  ${mode}${label}: ${r.deliveries}/${r.expectedDeliveries} delivered, ${r.deliveriesPerSecond}/s, p99 ${r.p99Ms} ms, workerd CPU ${r.workerdCpuSeconds} s${r.spansExported ? `, ${r.spansExported} spans in ${r.exportRequests} requests` : ""}${r.sessionRpcs ? `, ${r.sessionRpcs} guild→session RPCs` : ""}${r.sampled ? `; sampled deliveries ${r.sampled.deliveries}, p99 ${r.sampled.p99Ms} ms (others ${r.sampled.othersP99Ms} ms)` : ""}\n`,
   );
 
 const sink = await startSpanSink();

@@ -166,8 +166,13 @@ export class Guild extends DurableObject<Env> {
         this.sql.exec("DELETE FROM departures WHERE at < ?", now - DEPARTURE_KEPT_MS);
         this.sql.exec("INSERT OR REPLACE INTO departures (user_id, up_to, at) VALUES (?, ?, ?)", userId, this.lastSeq, now);
       }
-      // Stop deliveries before anyone is told, so no MESSAGE_CREATE follows GUILD_DELETE.
-      for (const [sessionId, subscriber] of this.subscribers) if (subscriber.userId === userId) await this.forget(sessionId);
+      // Stop deliveries before anyone is told, so no MESSAGE_CREATE follows GUILD_DELETE: every
+      // session of the user is forgotten at once (before any await, so a restart cannot leave
+      // one listed), and no message goes out until their relays have let them go.
+      const leaving = [...this.subscribers].filter(([, subscriber]) => subscriber.userId === userId);
+      const forgotten = Promise.all(leaving.map(([sessionId]) => this.forget(sessionId)));
+      this.holdPublishingUntil(forgotten);
+      await forgotten;
       await this.user(userId).removeGuild(guildId);
       return ok({ removed });
     });
@@ -234,14 +239,31 @@ export class Guild extends DurableObject<Env> {
   }
 
   /**
-   * What must happen before a new event goes out, if anything: relays learn their sessions
-   * (after a restart in relay mode, or a failed sync: no event may reach a relay before it knows
-   * its sessions), then what was lost is resent (after a restart or a failed sync), so it goes
-   * out before anything new rather than every session pulling it at once.
+   * What must happen before a new event goes out, if anything: removals under way finish (a
+   * removed member's relay lets the session go first), relays learn their sessions (after a
+   * restart in relay mode, or a failed sync: no event may reach a relay before it knows its
+   * sessions), then what was lost is resent (after a restart or a failed sync), so it goes out
+   * before anything new rather than every session pulling it at once.
    */
   private readyToPublish(): Promise<void> | undefined {
+    if (this.removals) return this.removals.then(() => this.readyToPublish());
     if (this.relayCount > 0 && !this.relaysSynced) return this.syncRelays().then(() => this.checkpoint.recover(this.resend));
     return this.checkpoint.recover(this.resend);
+  }
+
+  /** Removals whose relays have not yet let the sessions go (a failed one marks relays for a sync). */
+  private removals: Promise<void> | undefined;
+
+  private holdPublishingUntil(done: Promise<unknown>): void {
+    const removals: Promise<void> = Promise.all([this.removals, done])
+      .then(
+        () => undefined,
+        () => undefined,
+      )
+      .finally(() => {
+        if (this.removals === removals) this.removals = undefined;
+      });
+    this.removals = removals;
   }
 
   async history(guildId: string, userId: string, after: number, limit: number): Promise<GuildResult<Message[]>> {

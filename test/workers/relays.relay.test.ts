@@ -61,6 +61,44 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
     expect(removed.messageSeqs()).toEqual([1, 2, 3]);
   });
 
+  it("a removed member's sessions get nothing posted after the removal, however slowly their relay lets them go", async () => {
+    const guildId = "relay-leak";
+    for (const user of ["lk-a", "lk-b", "lk-c", "lk-gone"]) await addMember(guildId, user);
+    for (const user of ["lk-a", "lk-b", "lk-c"]) await (await TestClient.connect()).identify(user);
+    const gone = [await TestClient.connect(), await TestClient.connect()];
+    const ids = [await gone[0]!.identify("lk-gone"), await gone[1]!.identify("lk-gone")];
+    expect((await guildStub(guildId).fanoutState()).relays).toBeGreaterThan(0);
+    await post(guildId, "lk-a", "before the removal");
+    for (const client of gone) await client.waitFor(() => client.messageSeqs().length === 1, "m1");
+    // A relay takes the first session off at once but answers the guild slowly.
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    let removing = 0;
+    const restore = await patchMethod(relayStub(guildId, 0), "assign", async (_self, original, args) => {
+      const result = await original(...args);
+      if ((args[2] as string[]).some((id) => ids.includes(id)) && removing++ === 0) await gate;
+      return result;
+    });
+    try {
+      const removal = SELF.fetch(`http://gateway.test/api/guilds/${guildId}/members/lk-gone`, {
+        method: "DELETE",
+        headers: { Authorization: `Bearer ${await token("admin", true)}` },
+      });
+      await eventually(() => removing > 0, "the guild taking a session off its relay");
+      const after = post(guildId, "lk-a", "posted after the removal"); // waits for the relays
+      await scheduler.wait(200);
+      release();
+      expect((await removal).status).toBe(204);
+      expect((await after).seq).toBe(2);
+      for (const client of gone) await client.waitFor(() => client.dispatches("GUILD_DELETE")[0], "GUILD_DELETE");
+    } finally {
+      release();
+      restore();
+    }
+    await scheduler.wait(100);
+    for (const client of gone) expect(client.messageSeqs()).toEqual([1]);
+  });
+
   it("keep delivering after the guild and a relay are evicted", async () => {
     const guildId = "relay-evict";
     const clients = await joinMany(guildId, "ev", 5);

@@ -169,12 +169,12 @@ export function parseEndpoint(value: string | undefined): string {
   } catch {
     // reported below
   }
-  const shown = value.replace(/^(.*?:\/\/)?[^/@]*@/, "$1…@"); // never echo credentials
+  const shown = value.includes("@") ? "(not shown: it may hold credentials)" : `"${value}"`; // errors reach clients
   if (url?.protocol !== "http:" && url?.protocol !== "https:") {
-    throw new Error(`OTEL_EXPORTER_OTLP_ENDPOINT is "${shown}"; expected an http:// or https:// URL, or empty to turn tracing off`);
+    throw new Error(`OTEL_EXPORTER_OTLP_ENDPOINT is ${shown}; expected an http:// or https:// URL, or empty to turn tracing off`);
   }
   if (url.username || url.password) {
-    throw new Error(`OTEL_EXPORTER_OTLP_ENDPOINT "${shown}" has credentials in it; send them with OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Basic%20…) instead`);
+    throw new Error("OTEL_EXPORTER_OTLP_ENDPOINT has credentials in it; send them with OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Basic%20…) instead");
   }
   return value;
 }
@@ -198,9 +198,10 @@ export function parseHeaders(value: string | undefined): Record<string, string> 
     } catch {
       // reported below
     }
-    if (!HEADER_NAME.test(name) || decoded === undefined || /[\0\r\n]/.test(decoded)) {
+    // Visible ASCII, spaces and tabs only: the runtime logs any other header value in full.
+    if (!HEADER_NAME.test(name) || decoded === undefined || !/^[\t\x20-\x7e]*$/.test(decoded)) {
       const which = HEADER_NAME.test(name) ? `"${name}"` : `number ${index + 1}`;
-      throw new Error(`OTEL_EXPORTER_OTLP_HEADERS: entry ${which} is not name=value with a percent-encoded value`);
+      throw new Error(`OTEL_EXPORTER_OTLP_HEADERS: entry ${which} is not name=value with a percent-encoded value of printable ASCII`);
     }
     headers[name.toLowerCase()] = decoded;
   }

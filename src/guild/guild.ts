@@ -148,7 +148,6 @@ export class Guild extends DurableObject<Env> {
     return this.timings.time("member_add", async () => {
       this.adopt(guildId);
       const added = this.sql.exec("INSERT OR IGNORE INTO members (user_id, added_at) VALUES (?, ?)", userId, Date.now()).rowsWritten > 0;
-      this.sql.exec("DELETE FROM departures WHERE user_id = ?", userId); // a member again: reads as one
       // Always tell the user's directory (idempotent): a previous attempt may have failed after the insert.
       await this.user(userId).addGuild(guildId);
       return ok({ added });

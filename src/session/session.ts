@@ -43,6 +43,9 @@ interface State {
   owed?: OwedGuilds;
 }
 
+/** A guild's answer to subscribing: its seq, or no. */
+type SubscribeAnswer = { guildId: string; lastSeq: number } | { guildId: string; refused: true } | { guildId: string; failed: true };
+
 interface OwedGuilds {
   guildIds: string[];
   retryAt: number;
@@ -211,10 +214,8 @@ export class Session extends DurableObject<Env> {
 
   /** Heartbeat deadline while connected, resume deadline while disconnected; owed guilds' retry. */
   override async alarm(): Promise<void> {
-    // A failure here (storage) must not keep the deadlines below from being enforced.
-    if (this.state.owed) await this.enqueue(() => this.joinOwed()).catch((error: unknown) => console.error("session: retrying owed guilds failed:", error));
     const now = Date.now();
-    const { status } = this.state;
+    const { status, owed } = this.state;
     if ((status === "connecting" || status === "ready") && now >= this.state.heartbeatDeadline) {
       const ws = this.socket();
       if (ws) return this.close(ws, CloseCode.SESSION_TIMED_OUT, "no heartbeat received in time");
@@ -223,6 +224,9 @@ export class Session extends DurableObject<Env> {
     if (status === "disconnected" && now >= this.state.resumeDeadline) {
       // After any task in progress, and only if no RESUME took the session meanwhile.
       return this.enqueue(() => (this.state.status === "disconnected" ? this.end() : undefined));
+    }
+    if (owed && HOLDING.has(status) && now >= owed.retryAt) {
+      await this.joinOwed().catch((error: unknown) => console.error("session: retrying owed guilds failed:", error));
     }
     this.scheduleAlarm();
   }
@@ -248,7 +252,7 @@ export class Session extends DurableObject<Env> {
         const guildIds = await this.user(userId).attachSession(this.selfId, this.selfId);
         // A guild that cannot be reached now is left out and announced with GUILD_CREATE once
         // it can be (Discord's unavailable guilds), rather than keeping the user out of the rest.
-        const { subscribed } = await this.subscribeAll(guildIds.map((guildId) => ({ guildId })));
+        const subscribed = await this.settle(await this.requestSubscriptions(guildIds), { announce: false });
         this.dispatch("READY", { session_id: this.selfId, user_id: userId, guilds: subscribed });
       });
     } catch (error) {
@@ -283,13 +287,12 @@ export class Session extends DurableObject<Env> {
         for (const { guildId, lastSeq } of guilds) this.setGuildSeq(guildId, lastSeq);
         // Already in the buffer: if the client dropped meanwhile, its next RESUME gets them.
         if (ws.readyState === WebSocket.READY_STATE_OPEN) for (const { frame } of frames) ws.send(frame);
-        const memberOf = new Set(await this.user(userId).attachSession(request.session_id, this.selfId));
-        // Each guild re-targets its deliveries here and replays what came after `lastSeq`.
-        await this.join(guilds.map(({ guildId }) => guildId).filter((guildId) => memberOf.has(guildId)));
-        // Membership changes sent to the previous holder during the hand-off found no session
-        // there: catch up on them here.
-        for (const { guildId } of guilds) if (!memberOf.has(guildId)) await this.leaveRemoved(guildId);
-        await this.join([...memberOf].filter((guildId) => !guilds.some((position) => position.guildId === guildId)));
+        const memberOf = await this.user(userId).attachSession(request.session_id, this.selfId);
+        // Each guild re-targets its deliveries here and replays what came after `lastSeq`, or
+        // says the user was removed meanwhile. Guilds joined meanwhile are caught up on too: the
+        // user directory's notices during the hand-off went to the previous holder.
+        await this.join(guilds.map(({ guildId }) => guildId));
+        await this.join(memberOf.filter((guildId) => !guilds.some((position) => position.guildId === guildId)));
         this.dispatch("RESUMED", null);
       });
     } catch (error) {
@@ -414,7 +417,8 @@ export class Session extends DurableObject<Env> {
 
   /** The user left a guild. Answers `gone` if the session has ended, as `guildAdded` does. */
   async guildRemoved(guildId: string): Promise<{ gone?: true }> {
-    return this.whileHolding(() => this.leaveRemoved(guildId));
+    // The guild has the last word: a removal notice can arrive after a later re-add's.
+    return this.whileHolding(() => this.join([guildId]));
   }
 
   /** Runs `task` in the queue if the session is held here; answers `gone` if it has ended. */
@@ -437,22 +441,25 @@ export class Session extends DurableObject<Env> {
   }
 
   /**
-   * Subscribes to guilds: one the session is in already again from where it got to (pulling
-   * what it missed), a new one from now, announced with GUILD_CREATE. A guild that says the user
-   * is no longer a member is left; one that cannot be reached is owed (see `subscribeAll`).
+   * Subscribes to guilds, as a task: one the session is in already again from where it got to
+   * (pulling what it missed), a new one from now, announced with GUILD_CREATE. A guild that says
+   * the user is no longer a member is left; one that cannot be reached is owed (`settle`).
    */
   private async join(guildIds: string[]): Promise<void> {
-    const guilds = guildIds.map((guildId) => ({ guildId, lastSeq: this.guildSeq(guildId) }));
-    const { subscribed, refused } = await this.subscribeAll(guilds);
-    for (const guildId of refused) await this.leaveRemoved(guildId);
-    for (const { guildId, lastSeq } of guilds) if (lastSeq === undefined && subscribed.includes(guildId)) this.dispatch("GUILD_CREATE", { id: guildId });
+    await this.settle(await this.requestSubscriptions(guildIds), { announce: true });
   }
 
-  /** The alarm's retry of guilds whose subscribe failed. Runs as a task. */
+  /**
+   * The alarm's retry of owed guilds. Their guilds are asked outside the task queue, so a slow
+   * one holds up no delivery; the answers are applied as a task, for guilds still owed then.
+   */
   private async joinOwed(): Promise<void> {
-    const { owed } = this.state;
-    if (!HOLDING.has(this.state.status) || !owed || Date.now() < owed.retryAt) return;
-    await this.join(owed.guildIds);
+    const answers = await this.requestSubscriptions(this.state.owed?.guildIds ?? []);
+    await this.enqueue(async () => {
+      if (!HOLDING.has(this.state.status)) return;
+      const stillOwed = new Set(this.state.owed?.guildIds);
+      await this.settle(answers.filter((answer) => stillOwed.has(answer.guildId)), { announce: true, pullNewer: true });
+    });
   }
 
   /** Nothing lives here: the session ended (or never started). One that moved is still alive elsewhere. */
@@ -492,33 +499,59 @@ export class Session extends DurableObject<Env> {
     return run;
   }
 
-  /**
-   * Subscribes to each guild (resuming after `lastSeq` when given); returns the guilds that
-   * accepted and those that refused (not a member), in the order given. A guild that cannot be
-   * reached (or whose gap cannot be filled) does not fail the others: it is owed, and tried again
-   * from the alarm until it answers, so one broken guild neither keeps a user from connecting
-   * nor makes the user directory give up on a live session.
-   */
-  private async subscribeAll(guilds: { guildId: string; lastSeq?: number | undefined }[]): Promise<{ subscribed: string[]; refused: string[] }> {
+  /** Asks each guild to deliver here, after the session's position there if it has one. */
+  private requestSubscriptions(guildIds: string[]): Promise<SubscribeAnswer[]> {
     const { sessionId, userId } = this.state;
-    const outcomes = await Promise.all(
-      guilds.map(async ({ guildId, lastSeq: after }) => {
+    return Promise.all(
+      guildIds.map(async (guildId): Promise<SubscribeAnswer> => {
+        const after = this.guildSeq(guildId);
         try {
           const result = await this.guild(guildId).subscribe({ sessionId, userId, target: this.selfId, ...(after === undefined ? {} : { after }) });
-          if (!result.ok) return "refused";
-          if (after === undefined) this.setGuildSeq(guildId, result.value.lastSeq);
-          else if (result.value.lastSeq > after) this.setGuildSeq(guildId, await this.fillGap(guildId, after, result.value.lastSeq + 1));
-          return "subscribed";
+          return result.ok ? { guildId, lastSeq: result.value.lastSeq } : { guildId, refused: true };
         } catch (error) {
           console.warn(`session: guild ${guildId} could not be subscribed; trying again later:`, error);
-          return "failed";
+          return { guildId, failed: true };
         }
       }),
     );
-    const having = (outcome: string) => guilds.filter((_, i) => outcomes[i] === outcome).map(({ guildId }) => guildId);
-    const [subscribed, refused] = [having("subscribed"), having("refused")];
+  }
+
+  /**
+   * Applies guilds' answers to subscribing, as a task, from the session's positions now; returns
+   * the guilds subscribed. A new guild starts at the guild's seq, announced with GUILD_CREATE if
+   * `announce` (READY lists them instead); one the session is in pulls what it missed. A guild
+   * that refused (not a member) is left. One that failed (or whose gap could not be filled) does
+   * not fail the others: it is owed, and tried again from the alarm until it answers — so one
+   * broken guild neither keeps a user from connecting nor makes the user directory give up on a
+   * live session. `pullNewer`: the answers came outside the task queue, and deliveries for a new
+   * guild were ignored meanwhile, so anything after its seq is pulled too.
+   */
+  private async settle(answers: SubscribeAnswer[], options: { announce: boolean; pullNewer?: boolean }): Promise<string[]> {
+    const outcomes = await Promise.all(
+      answers.map(async (answer) => {
+        if ("failed" in answer || "refused" in answer) return answer;
+        const { guildId, lastSeq } = answer;
+        try {
+          const position = this.guildSeq(guildId);
+          if (position === undefined) {
+            this.setGuildSeq(guildId, lastSeq);
+            if (options.announce) this.dispatch("GUILD_CREATE", { id: guildId });
+            if (options.pullNewer) this.setGuildSeq(guildId, await this.fillGap(guildId, lastSeq, Number.MAX_SAFE_INTEGER));
+          } else if (lastSeq > position) {
+            this.setGuildSeq(guildId, await this.fillGap(guildId, position, lastSeq + 1));
+          }
+          return answer;
+        } catch (error) {
+          console.warn(`session: catching up on guild ${guildId} failed; trying again later:`, error);
+          return { guildId, failed: true as const };
+        }
+      }),
+    );
+    const having = (kind: "lastSeq" | "refused" | "failed") => outcomes.filter((outcome) => kind in outcome).map(({ guildId }) => guildId);
+    const [subscribed, refused] = [having("lastSeq"), having("refused")];
     this.settleOwed([...subscribed, ...refused], having("failed"));
-    return { subscribed, refused };
+    for (const guildId of refused) await this.leaveRemoved(guildId);
+    return subscribed;
   }
 
   /** Takes `answered` guilds off the owed list and puts `failed` ones on it, backing off while any fail. */
@@ -636,13 +669,14 @@ export class Session extends DurableObject<Env> {
 
   /** The session is over: leave every guild and the user directory, then forget everything. Runs as a task. */
   private async end(): Promise<void> {
-    const { sessionId, userId } = this.state;
-    const guildIds = this.guildSeqs().map((position) => position.guildId);
+    const { sessionId, userId, owed } = this.state;
+    // Owed guilds too: a subscribe that failed on its way back may have taken effect.
+    const guildIds = new Set([...this.guildSeqs().map((position) => position.guildId), ...(owed?.guildIds ?? [])]);
     this.setState({ status: "ended" });
     const ws = this.socket();
     if (ws) closeSocket(ws, CloseCode.NORMAL, "session ended");
     await Promise.allSettled([
-      ...guildIds.map((id) => this.guild(id).unsubscribe(sessionId)),
+      ...[...guildIds].map((id) => this.guild(id).unsubscribe(sessionId)),
       this.user(userId).detachSession(sessionId),
       ...(sessionId !== this.selfId ? [this.sessionStub(sessionId)?.release()] : []),
     ]);

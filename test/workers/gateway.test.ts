@@ -660,6 +660,110 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
     expect(client.dispatches().map((f) => f.t)).toEqual(["READY", "MESSAGE_CREATE", "MESSAGE_CREATE", "MESSAGE_CREATE", "MESSAGE_CREATE", "GUILD_DELETE"]);
   });
 
+  it("a removal notice that arrives after a re-add's leaves the member in the guild: the guild has the last word", async () => {
+    await addMember("flip", "flip-user");
+    const client = await TestClient.connect();
+    await client.identify("flip-user");
+    let removals = 0;
+    const restore = await patchMethod(env.SESSION.get(env.SESSION.newUniqueId()), "guildRemoved", async (_self, original, args) => {
+      if (removals++ === 0) await scheduler.wait(300); // this notice is slow on the wire
+      return original(...args);
+    });
+    try {
+      const removal = api("DELETE", "/api/guilds/flip/members/flip-user", "admin");
+      await eventually(() => removals > 0, "the removal notice on its way");
+      expect((await api("PUT", "/api/guilds/flip/members/flip-user", "admin")).status).toBe(201);
+      expect((await removal).status).toBe(204);
+      await scheduler.wait(400); // the late removal notice has arrived
+    } finally {
+      restore();
+    }
+    await post("flip", "flip-user", "still here");
+    await client.waitFor(() => client.messageSeqs("flip").length === 1, "the message after the re-add");
+    expect(client.dispatches("GUILD_DELETE")).toEqual([]);
+  });
+
+  it("a removal caught up on only after a quick re-add still delivers what was posted before it", async () => {
+    const guildId = "readd";
+    await addMember(guildId, "readd-stays");
+    const { client } = await sessionAfterFirstMessage(guildId, "readd-user");
+    const hold = await holdDeliveries("m2");
+    let releasePull!: () => void;
+    const pullGate = new Promise<void>((resolve) => (releasePull = resolve));
+    let pulls = 0;
+    const restorePull = await patchMethod<{ guildId: string }>(guildStub(guildId), "eventsAfter", async (self, original, args) => {
+      if (self.guildId === guildId && args[3] === "readd-user" && pulls++ === 0) await pullGate; // the removed member's pull, late
+      return original(...args);
+    });
+    try {
+      for (const content of ["m2", "m3", "m4"]) await post(guildId, "readd-stays", content);
+      await eventually(() => hold.held() > 0, "a held delivery");
+      const removal = api("DELETE", `/api/guilds/${guildId}/members/readd-user`, "admin");
+      await eventually(() => pulls > 0, "the session pulling before GUILD_DELETE");
+      // Re-added (the directory's notice then waits behind the removal in the session's queue).
+      const readd = api("PUT", `/api/guilds/${guildId}/members/readd-user`, "admin");
+      await eventually(async () => (await api("GET", `/api/guilds/${guildId}/messages`, "readd-user")).status === 200, "the re-add");
+      releasePull();
+      expect((await removal).status).toBe(204);
+      expect((await readd).status).toBe(201);
+      await client.waitFor(() => client.dispatches("GUILD_CREATE")[0], "GUILD_CREATE");
+    } finally {
+      releasePull();
+      restorePull();
+      hold.release();
+      hold.restore();
+    }
+    expect(client.messageSeqs(guildId)).toEqual([1, 2, 3, 4]);
+  });
+
+  it("a subscribe that took effect but whose answer was lost is undone when the session ends", async () => {
+    await addMember("lost-answer", "la-user");
+    const restore = await patchMethod<{ guildId: string }>(guildStub("lost-answer"), "subscribe", async (self, original, args) => {
+      if (self.guildId !== "lost-answer") return original(...args);
+      await original(...args); // the guild subscribes the session…
+      throw new Error("connection reset"); // …and the answer never arrives
+    });
+    const client = await TestClient.connect();
+    try {
+      await client.identify("la-user");
+      expect(await subscriptions("lost-answer")).toHaveLength(1);
+      client.ws.close(1000, "bye");
+      await eventually(async () => (await subscriptions("lost-answer")).length === 0, "the owed guild unsubscribed");
+    } finally {
+      restore();
+    }
+  });
+
+  it("a slow owed guild holds up neither the other guilds' deliveries nor the heartbeat timeout", async () => {
+    await addMember("hb-ok", "hb-user");
+    await addMember("hb-slow", "hb-user");
+    let calls = 0;
+    let release!: () => void;
+    const slow = new Promise<void>((resolve) => (release = resolve));
+    const restore = await patchMethod<{ guildId: string }>(guildStub("hb-slow"), "subscribe", async (self, original, args) => {
+      if (self.guildId !== "hb-slow") return original(...args);
+      if (++calls === 1) throw new Error("guild unreachable");
+      await slow; // the retry finds the guild very slow
+      return original(...args);
+    });
+    const client = await TestClient.connect();
+    try {
+      const sessionId = await client.identify("hb-user");
+      await eventually(() => calls >= 2, "the alarm's retry under way", 4000);
+      await post("hb-ok", "hb-user", "from the healthy guild");
+      await client.waitFor(() => client.messageSeqs("hb-ok").length === 1, "the healthy guild's message", 2000);
+      // The client stops heartbeating: the next alarm closes 4009 though the retry still waits.
+      await runInDurableObject(sessionStub(sessionId), (session: Session) => {
+        (session as unknown as { state: { heartbeatDeadline: number } }).state.heartbeatDeadline = Date.now() - 1;
+      });
+      await runInDurableObject(sessionStub(sessionId), (session: Session) => session.alarm());
+      expect((await client.waitFor(() => client.closed, "4009", 2000)).code).toBe(4009);
+    } finally {
+      release();
+      restore();
+    }
+  });
+
   it("a RESUME catches up on a guild joined and a guild left while the session was being handed over", async () => {
     for (const guildId of ["handoff-kept", "handoff-left"]) await addMember(guildId, "ho-user");
     const client = await TestClient.connect();

@@ -226,7 +226,10 @@ export class Session extends DurableObject<Env> {
       return this.enqueue(() => (this.state.status === "disconnected" ? this.end() : undefined));
     }
     if (owed && HOLDING.has(status) && now >= owed.retryAt) {
-      await this.joinOwed().catch((error: unknown) => console.error("session: retrying owed guilds failed:", error));
+      // Not awaited: a slow guild must not keep this alarm from coming back for the deadlines
+      // (the runtime runs one alarm at a time). The retry settles `retryAt`; until then, this one.
+      this.setState({ owed: { ...owed, retryAt: now + OWED_MAX_RETRY_MS } });
+      this.ctx.waitUntil(this.enqueue(() => this.joinOwed()).catch((error: unknown) => console.error("session: retrying owed guilds failed:", error)));
     }
     this.scheduleAlarm();
   }
@@ -450,16 +453,13 @@ export class Session extends DurableObject<Env> {
   }
 
   /**
-   * The alarm's retry of owed guilds. Their guilds are asked outside the task queue, so a slow
-   * one holds up no delivery; the answers are applied as a task, for guilds still owed then.
+   * The alarm's retry of owed guilds, as a task: asked and answered in one turn of the queue, so
+   * no hand-off, removal or ending can come between (a slow guild holds up this session's other
+   * work while it answers, as at IDENTIFY).
    */
   private async joinOwed(): Promise<void> {
-    const answers = await this.requestSubscriptions(this.state.owed?.guildIds ?? []);
-    await this.enqueue(async () => {
-      if (!HOLDING.has(this.state.status)) return;
-      const stillOwed = new Set(this.state.owed?.guildIds);
-      await this.settle(answers.filter((answer) => stillOwed.has(answer.guildId)), { announce: true, pullNewer: true });
-    });
+    const { status, owed } = this.state;
+    if (HOLDING.has(status) && owed) await this.join(owed.guildIds);
   }
 
   /** Nothing lives here: the session ended (or never started). One that moved is still alive elsewhere. */
@@ -517,16 +517,15 @@ export class Session extends DurableObject<Env> {
   }
 
   /**
-   * Applies guilds' answers to subscribing, as a task, from the session's positions now; returns
+   * Applies guilds' answers to subscribing, in the task that asked; returns
    * the guilds subscribed. A new guild starts at the guild's seq, announced with GUILD_CREATE if
    * `announce` (READY lists them instead); one the session is in pulls what it missed. A guild
    * that refused (not a member) is left. One that failed (or whose gap could not be filled) does
    * not fail the others: it is owed, and tried again from the alarm until it answers — so one
    * broken guild neither keeps a user from connecting nor makes the user directory give up on a
-   * live session. `pullNewer`: the answers came outside the task queue, and deliveries for a new
-   * guild were ignored meanwhile, so anything after its seq is pulled too.
+   * live session.
    */
-  private async settle(answers: SubscribeAnswer[], options: { announce: boolean; pullNewer?: boolean }): Promise<string[]> {
+  private async settle(answers: SubscribeAnswer[], options: { announce: boolean }): Promise<string[]> {
     const outcomes = await Promise.all(
       answers.map(async (answer) => {
         if ("failed" in answer || "refused" in answer) return answer;
@@ -536,7 +535,6 @@ export class Session extends DurableObject<Env> {
           if (position === undefined) {
             this.setGuildSeq(guildId, lastSeq);
             if (options.announce) this.dispatch("GUILD_CREATE", { id: guildId });
-            if (options.pullNewer) this.setGuildSeq(guildId, await this.fillGap(guildId, lastSeq, Number.MAX_SAFE_INTEGER));
           } else if (lastSeq > position) {
             this.setGuildSeq(guildId, await this.fillGap(guildId, position, lastSeq + 1));
           }

@@ -734,34 +734,112 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
     }
   });
 
-  it("a slow owed guild holds up neither the other guilds' deliveries nor the heartbeat timeout", async () => {
-    await addMember("hb-ok", "hb-user");
-    await addMember("hb-slow", "hb-user");
+  /**
+   * Makes `guildId`'s subscribe fail the first time and wait for `release()` the second: an owed
+   * guild whose retry is slow to arrive (or, with `answerLate`, takes effect and is slow to answer).
+   */
+  async function slowRetry(guildId: string, answerLate = false) {
     let calls = 0;
     let release!: () => void;
-    const slow = new Promise<void>((resolve) => (release = resolve));
-    const restore = await patchMethod<{ guildId: string }>(guildStub("hb-slow"), "subscribe", async (self, original, args) => {
-      if (self.guildId !== "hb-slow") return original(...args);
-      if (++calls === 1) throw new Error("guild unreachable");
-      await slow; // the retry finds the guild very slow
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    const restore = await patchMethod<{ guildId: string }>(guildStub(guildId), "subscribe", async (self, original, args) => {
+      if (self.guildId !== guildId) return original(...args);
+      const call = ++calls;
+      if (call === 1) throw new Error("guild unreachable");
+      if (call !== 2) return original(...args);
+      if (answerLate) {
+        const answer = await original(...args);
+        await gate;
+        return answer;
+      }
+      await gate;
       return original(...args);
     });
+    return {
+      calls: () => calls,
+      retrying: () => eventually(() => calls >= 2, "the alarm's retry under way", 4000),
+      release,
+      restore: () => (release(), restore()),
+    };
+  }
+
+  it("an owed guild's slow retry does not hold up the heartbeat timeout", async () => {
+    await addMember("hb-slow", "hb-user");
+    const slow = await slowRetry("hb-slow");
     const client = await TestClient.connect();
     try {
       const sessionId = await client.identify("hb-user");
-      await eventually(() => calls >= 2, "the alarm's retry under way", 4000);
-      await post("hb-ok", "hb-user", "from the healthy guild");
-      await client.waitFor(() => client.messageSeqs("hb-ok").length === 1, "the healthy guild's message", 2000);
-      // The client stops heartbeating: the next alarm closes 4009 though the retry still waits.
+      await slow.retrying();
+      // The client stops heartbeating; the runtime runs the alarm (one at a time) when it is due.
       await runInDurableObject(sessionStub(sessionId), (session: Session) => {
-        (session as unknown as { state: { heartbeatDeadline: number } }).state.heartbeatDeadline = Date.now() - 1;
+        const internals = session as unknown as { state: { heartbeatDeadline: number }; scheduleAlarm(): void };
+        internals.state.heartbeatDeadline = Date.now() + 100;
+        internals.scheduleAlarm();
       });
-      await runInDurableObject(sessionStub(sessionId), (session: Session) => session.alarm());
-      expect((await client.waitFor(() => client.closed, "4009", 2000)).code).toBe(4009);
+      expect((await client.waitFor(() => client.closed, "4009", 3000)).code).toBe(4009);
     } finally {
-      release();
-      restore();
+      slow.restore();
     }
+  });
+
+  it("an owed guild's retry under way when the client RESUMEs elsewhere does not take the guild's deliveries back to the old object", async () => {
+    await addMember("retry-resume", "rr-user");
+    const slow = await slowRetry("retry-resume");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("rr-user");
+    let resumed: TestClient;
+    try {
+      await slow.retrying();
+      client.ws.close(4000, "network dropped"); // handled once the retry is done
+      resumed = await TestClient.connect();
+      resumed.send({ op: 6, d: { token: await token("rr-user"), session_id: sessionId, seq: 1 } });
+      // The hand-off waits for the retry, so the new holder cannot subscribe before it is done
+      // (had it, the retry's late subscribe would re-target the guild to the old object).
+      await eventually(() => slow.calls() >= 3, "", 500).catch(() => undefined);
+      slow.release();
+      await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
+    } finally {
+      slow.restore();
+    }
+    await post("retry-resume", "rr-user", "after the resume");
+    await resumed.waitFor(() => resumed.messageSeqs("retry-resume").length === 1, "the message on the resumed connection");
+  });
+
+  it("an owed guild's retry answered only after a removal leaves the guild out in the end", async () => {
+    await addMember("retry-removed", "rx-user");
+    const slow = await slowRetry("retry-removed", true);
+    const client = await TestClient.connect();
+    await client.identify("rx-user");
+    try {
+      await slow.retrying();
+      const removal = api("DELETE", "/api/guilds/retry-removed/members/rx-user", "admin"); // its notice waits for the retry
+      await scheduler.wait(100);
+      slow.release();
+      expect((await removal).status).toBe(204);
+      // The retry's subscribe took effect before the removal; its answer comes after. The
+      // removal's notice, queued behind it, then takes the guild back out.
+      await client.waitFor(() => client.dispatches("GUILD_DELETE")[0], "GUILD_DELETE after the retry's GUILD_CREATE");
+      expect(client.dispatches().map((f) => f.t)).toEqual(["READY", "GUILD_CREATE", "GUILD_DELETE"]);
+    } finally {
+      slow.restore();
+    }
+  });
+
+  it("an owed guild's retry under way when the session ends leaves no subscription behind", async () => {
+    await addMember("retry-ended", "ry-user");
+    const slow = await slowRetry("retry-ended");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("ry-user");
+    try {
+      await slow.retrying();
+      client.ws.close(1000, "bye"); // handled once the retry is done
+      await scheduler.wait(100);
+      slow.release();
+      await eventually(async () => (await sessionStatus(sessionId)) === "ended", "the session ended");
+    } finally {
+      slow.restore();
+    }
+    await eventually(async () => (await subscriptions("retry-ended")).length === 0, "no subscription left");
   });
 
   it("a RESUME catches up on a guild joined and a guild left while the session was being handed over", async () => {

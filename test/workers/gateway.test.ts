@@ -793,9 +793,11 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
       client.ws.close(4000, "network dropped"); // handled once the retry is done
       resumed = await TestClient.connect();
       resumed.send({ op: 6, d: { token: await token("rr-user"), session_id: sessionId, seq: 1 } });
-      // The hand-off waits for the retry, so the new holder cannot subscribe before it is done
-      // (had it, the retry's late subscribe would re-target the guild to the old object).
-      await eventually(() => slow.calls() >= 3, "", 500).catch(() => undefined);
+      // The hand-off waits for the retry: were the new holder to subscribe first, the retry's
+      // late subscribe would re-target the guild to the old object.
+      await scheduler.wait(300);
+      expect(resumed.dispatches("RESUMED")).toEqual([]);
+      expect(slow.calls()).toBe(2);
       slow.release();
       await resumed.waitFor(() => resumed.dispatches("RESUMED")[0], "RESUMED");
     } finally {

@@ -640,6 +640,17 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
     }
   });
 
+  it("what was posted before a removal stays readable by the member's sessions for 5 minutes, then not", async () => {
+    const guildId = "departure-age";
+    const { sessionId } = await sessionAfterFirstMessage(guildId, "da-user");
+    expect((await api("DELETE", `/api/guilds/${guildId}/members/da-user`, "admin")).status).toBe(204);
+    const pull = () => guildStub(guildId).eventsAfter(sessionId, 0, 10, "da-user");
+    expect((await pull()).map((event) => event.seq)).toEqual([1]);
+    expect(await guildStub(guildId).eventsAfter(sessionId, 0, 10, "someone-else")).toEqual([]);
+    await runInDurableObject(guildStub(guildId), (_guild, state) => void state.storage.sql.exec("UPDATE departures SET at = at - 5 * 60000 - 1"));
+    expect(await pull()).toEqual([]);
+  });
+
   it("a removal while deliveries are held: everything before it arrives in order, nothing after it", async () => {
     const guildId = "removed-busy";
     await addMember(guildId, "rb-stays");

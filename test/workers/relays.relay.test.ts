@@ -99,6 +99,31 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
     for (const client of gone) expect(client.messageSeqs()).toEqual([1]);
   });
 
+  it("a removal whose relay cannot be told still succeeds, and the relays are resynchronised before the next message", async () => {
+    const guildId = "relay-removal-fails";
+    const clients = await joinMany(guildId, "rf", 5);
+    expect((await guildStub(guildId).fanoutState()).relays).toBeGreaterThan(0);
+    const removedId = (clients[4]!.dispatches("READY")[0]!.d as { session_id: string }).session_id;
+    const restore = await patchMethod(relayStub(guildId, 0), "assign", async (_self, original, args) => {
+      if ((args[2] as string[]).includes(removedId)) throw new Error("relay unreachable");
+      return original(...args);
+    });
+    try {
+      const response = await SELF.fetch(`http://gateway.test/api/guilds/${guildId}/members/rf-4`, {
+        method: "DELETE",
+        headers: { Authorization: `Bearer ${await token("admin", true)}` },
+      });
+      expect(response.status).toBe(204);
+      await clients[4]!.waitFor(() => clients[4]!.dispatches("GUILD_DELETE")[0], "GUILD_DELETE");
+      await post(guildId, "rf-0", "after the removal");
+      for (const client of clients.slice(0, 4)) await client.waitFor(() => client.messageSeqs().length === 1, "the message");
+    } finally {
+      restore();
+    }
+    await scheduler.wait(100);
+    expect(clients[4]!.messageSeqs()).toEqual([]);
+  });
+
   it("keep delivering after the guild and a relay are evicted", async () => {
     const guildId = "relay-evict";
     const clients = await joinMany(guildId, "ev", 5);

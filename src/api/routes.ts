@@ -69,7 +69,7 @@ async function route(request: Request, env: Env): Promise<Response> {
     if (path[2] === "bench-room" && path.length === 4 && isValidId(path[3])) {
       allow(method, ["GET", "POST"]);
       const room = env.BROADCAST_ROOM.get(env.BROADCAST_ROOM.idFromName(path[3]));
-      if (method === "GET" || method === "HEAD") return request.headers.get("Upgrade")?.toLowerCase() === "websocket" ? room.fetch(request) : upgradeRequired(request);
+      if (method === "GET" || method === "HEAD") return method === "GET" && request.headers.get("Upgrade")?.toLowerCase() === "websocket" ? room.fetch(request) : upgradeRequired(request);
       // Read (size-capped) and checked here, like any other body, before the room sees it.
       const { content } = await readJsonObject(request);
       if (!isValidContent(content)) throw new HttpError(400, "invalid_content", CONTENT_RULE);
@@ -122,7 +122,8 @@ async function route(request: Request, env: Env): Promise<Response> {
 }
 
 function openGateway(request: Request, env: Env): Promise<Response> {
-  if (request.headers.get("Upgrade")?.toLowerCase() !== "websocket") upgradeRequired(request);
+  // Only a GET upgrades (RFC 6455); a HEAD is answered as a GET without an upgrade would be.
+  if (request.method !== "GET" || request.headers.get("Upgrade")?.toLowerCase() !== "websocket") upgradeRequired(request);
   // A new object per connection; its id is the session id clients resume with.
   return env.SESSION.get(env.SESSION.newUniqueId()).fetch(request);
 }

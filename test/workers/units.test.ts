@@ -450,6 +450,17 @@ describe("a bad setting", () => {
   });
 });
 
+describe("the gateway route", () => {
+  it("upgrades only a GET: a HEAD with an Upgrade header gets 426 and no socket", async () => {
+    for (const path of ["/gateway", "/api/dev/bench-room/r1"]) {
+      const ctx = createExecutionContext();
+      const response = await handleRequest(new Request(`http://gateway.test${path}`, { method: "HEAD", headers: { Upgrade: "websocket" } }), env, ctx);
+      await waitOnExecutionContext(ctx);
+      expect({ path, status: response.status, socket: response.webSocket !== null, body: await response.text() }).toEqual({ path, status: 426, socket: false, body: "" });
+    }
+  });
+});
+
 describe("SampledTracer", () => {
   it("continues a sampled parent with only the flags it knows: unknown ones are not passed on", () => {
     const ended: ReadableSpan[] = [];

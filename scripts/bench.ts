@@ -44,8 +44,8 @@ const { values } = parseArgs({
     modes: { type: "string", default: ALL_MODES.join(",") },
     /**
      * Alternating measured rounds of off and tiered (the other modes run one). An even count
-     * balances their positions (off, tiered, tiered, off): run time drifts one way — sessions'
-     * buffers fill, the machine wanders — and with 3 rounds tiered always had the last slot.
+     * balances their positions (off, tiered, tiered, off), so drift in either direction hits both
+     * alike; with 3 rounds tiered always had the last slot.
      */
     rounds: { type: "string", default: "2" },
     /** Longest wait for a row's deliveries; a row that runs out fails the run (it says what arrived). */

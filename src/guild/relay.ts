@@ -152,7 +152,7 @@ export class Relay extends DurableObject<Env> {
     // request per publish, which carries a burst already. (Leaving them for the fanout's idle
     // hook instead, as the guild does, saved ~15 requests per 200 messages but, over 14 round
     // pairs each, left tiered at 0.95× off's deliveries/s and 1.07× its CPU, against 1.00× and
-    // 1.03× this way: README, Performance.)
+    // 1.03× this way: docs/performance.md, "Pooled round pairs".)
     this.telemetry.exportPending(this.ctx);
   }
 

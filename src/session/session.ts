@@ -349,58 +349,15 @@ export class Session extends DurableObject<Env> {
   // ---- deliveries from guilds and the user directory ---------------------------------------
 
   async deliver(delivery: GuildDelivery): Promise<DeliveryResult | undefined> {
-    const gone = await this.enqueue(async () => {
-      if (!HOLDING.has(this.state.status)) return this.gone;
-      let lastSeq = this.guildSeq(delivery.guildId);
-      if (lastSeq === undefined) return false; // left the guild: a late delivery, the guild has stopped its own
-      // A sampled event's span ends with the whole delivery — stored and sent, or failed — so
-      // tracing adds no write of its own: the batch is one row whether or not events are sampled.
-      let delivered: Outcome | undefined;
-      const spans: Promise<unknown>[] = [];
-      try {
-        try {
-          for (const incoming of delivery.events) {
-            const { message: event, carrier } = normalize(incoming);
-            // A repeat (a retried RPC's, or one a gap fill brought already) delivers nothing.
-            if (event.seq <= lastSeq) continue;
-            const after = lastSeq;
-            const parent = contextFromCarrier(carrier);
-            let next!: number | Promise<number>;
-            if (parent) {
-              const outcome = (delivered ??= outcomeOf()).settled;
-              // runInSpan calls this at once, so `next` is set before it is read below.
-              const span = runInSpan(parent, "session.deliver", this.traced, () => {
-                next = this.dispatchAfter(delivery.guildId, after, event);
-                return typeof next === "number" ? outcome : next.then(() => outcome);
-              });
-              spans.push(span.catch(() => undefined)); // the span records a failure; it is thrown below
-            } else {
-              next = this.dispatchAfter(delivery.guildId, after, event);
-            }
-            const reached = typeof next === "number" ? next : await next;
-            // Left out (the guild would not fill the gap before it): so would the rest be.
-            if (reached < event.seq) break;
-            lastSeq = reached;
-          }
-        } finally {
-          // Stored and sent even if a gap fill failed part-way: what was numbered has moved the
-          // session's `s` and position, and a RESUME hands over only what is stored.
-          this.flushDispatches(); // the buffer's runs record the new position
-        }
-        delivered?.succeed();
-      } catch (error) {
-        delivered?.fail(error);
-        await Promise.all(spans); // each ends with the failure (and never rejects)
-        throw error;
-      }
-      if (spans.length > 0) await Promise.all(spans);
-      return false;
-    }).catch((error: unknown) => {
+    let gone: boolean;
+    try {
+      gone = await this.enqueue(() => this.deliverNow(delivery));
+    } catch (error) {
       // A failed delivery's spans are the ones an operator most wants, and no result carries
       // them back: sent from here.
       this.telemetry.exportPending(this.ctx);
       throw error;
-    });
+    }
     if (gone) return { gone: true };
     // Delivery spans: handed back for the caller to export with other sessions', or sent from here.
     if (!delivery.returnSpans) {
@@ -409,6 +366,55 @@ export class Session extends DurableObject<Env> {
     }
     const spans = this.telemetry.takeSpans();
     return spans && { spans };
+  }
+
+  /** Stores and sends a guild's events, as a task; answers whether the session has ended. */
+  private async deliverNow(delivery: GuildDelivery): Promise<boolean> {
+    if (!HOLDING.has(this.state.status)) return this.gone;
+    let lastSeq = this.guildSeq(delivery.guildId);
+    if (lastSeq === undefined) return false; // left the guild: a late delivery, the guild has stopped its own
+    // A sampled event's span ends with the whole delivery — stored and sent, or failed — so
+    // tracing adds no write of its own: the batch is one row whether or not events are sampled.
+    let delivered: Outcome | undefined;
+    const spans: Promise<unknown>[] = [];
+    try {
+      try {
+        for (const incoming of delivery.events) {
+          const { message: event, carrier } = normalize(incoming);
+          // A repeat (a retried RPC's, or one a gap fill brought already) delivers nothing.
+          if (event.seq <= lastSeq) continue;
+          const after = lastSeq;
+          const parent = contextFromCarrier(carrier);
+          let next!: number | Promise<number>;
+          if (parent) {
+            const outcome = (delivered ??= outcomeOf()).settled;
+            // runInSpan calls this at once, so `next` is set before it is read below.
+            const span = runInSpan(parent, "session.deliver", this.traced, () => {
+              next = this.dispatchAfter(delivery.guildId, after, event);
+              return typeof next === "number" ? outcome : next.then(() => outcome);
+            });
+            spans.push(span.catch(() => undefined)); // the span records a failure; it is thrown below
+          } else {
+            next = this.dispatchAfter(delivery.guildId, after, event);
+          }
+          const reached = typeof next === "number" ? next : await next;
+          // Left out (the guild would not fill the gap before it): so would the rest be.
+          if (reached < event.seq) break;
+          lastSeq = reached;
+        }
+      } finally {
+        // Stored and sent even if a gap fill failed part-way: what was numbered has moved the
+        // session's `s` and position, and a RESUME hands over only what is stored.
+        this.flushDispatches(); // the buffer's runs record the new position
+      }
+      delivered?.succeed();
+    } catch (error) {
+      delivered?.fail(error);
+      await Promise.all(spans); // each ends with the failure (and never rejects)
+      throw error;
+    }
+    if (spans.length > 0) await Promise.all(spans);
+    return false;
   }
 
   /** The user joined a guild. Answers `gone` if the session has ended, so the user directory forgets it. */

@@ -49,6 +49,11 @@ export class ResumeBuffer {
     if (sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dispatches'").toArray().length > 0) {
       upgradeRowPerDispatch(sql);
     }
+    // The count of appends since the last trim lives in memory, and a hibernating session is a new
+    // object at every wake-up: start from what the buffer holds beyond what it must keep, or a
+    // session woken for each delivery (a quiet guild) would never trim.
+    const oldest = this.oldestSeq();
+    if (oldest !== null) this.appendedSinceTrim = Math.max(0, this.lastSeq() - oldest + 1 - RESUME_BUFFER_MIN_DISPATCHES);
   }
 
   /** Sequence of the newest dispatch kept, 0 when empty. */

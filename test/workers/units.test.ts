@@ -970,6 +970,19 @@ describe("ResumeBuffer", () => {
     expect(result.lastSeq).toBe(5);
   });
 
+  it("stays bounded in a session that hibernates between deliveries (a new buffer object per wake-up)", async () => {
+    // A session in a quiet guild is evicted (hibernation) between deliveries, so every delivery
+    // is appended by a freshly constructed ResumeBuffer (Session's constructor makes one). 2,000
+    // such wake-ups a second apart (33 minutes): the buffer must keep about 1,000 dispatches
+    // (plus a trim interval), not all of them.
+    const rows = await inFreshStorage((sql) => {
+      const start = Date.now() - 2000 * 1000;
+      for (let s = 1; s <= 2000; s++) new ResumeBuffer(sql).append([dispatch(s, "quiet", s)], start + s * 1000);
+      return sql.exec<{ n: number }>("SELECT COUNT(*) AS n FROM dispatch_runs").one().n;
+    });
+    expect(rows).toBeLessThanOrEqual(1000 + 256);
+  });
+
   it("upgrades buffers that kept a row per dispatch, with or without positions, keeping frames and positions", async () => {
     const result = await inFreshStorage((sql) => {
       const upgrade = (table: string, rows: string) => {

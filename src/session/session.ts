@@ -468,9 +468,16 @@ export class Session extends DurableObject<Env> {
     if (HOLDING.has(status) && owed) await this.join(owed.guildIds);
   }
 
-  /** Nothing lives here: the session ended (or never started). One that moved is still alive elsewhere. */
+  /**
+   * Nothing lives here: the session ended (or never started), or it moved to another object.
+   * Whoever asks (a guild, a relay, the user directory) still lists this object as the session's
+   * target, and forgets only that pairing: a holder that took the session over has re-targeted
+   * it already, or will when it subscribes. Answering "alive" from a moved object would keep
+   * a session whose hand-off never completed (the new holder reset, or its answer lost)
+   * delivered to for ever.
+   */
   private get gone(): boolean {
-    return this.state.status === "ended" || this.state.status === "connecting";
+    return this.state.status === "ended" || this.state.status === "connecting" || this.state.status === "moved";
   }
 
   /**

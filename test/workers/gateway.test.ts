@@ -417,6 +417,37 @@ describe("fanout to sessions that fail or have ended", () => {
     await addMember("ended-session-2", "end-user"); // the directory tells its sessions, and hears back
     expect(await userSessions("end-user")).toEqual([]);
   });
+
+  it("a session handed over to an object that never took it over (its answer lost) is forgotten, not delivered to for ever", async () => {
+    const guildId = "zombie-origin";
+    await addMember(guildId, "zombie-user");
+    const first = await TestClient.connect();
+    const sessionId = await first.identify("zombie-user");
+    // The origin hands the session over, but the answer never reaches the object the client
+    // resumed on (the RPC's connection is lost, or a deploy resets that object): it answers op 9.
+    const restore = await patchMethod(sessionStub(sessionId), "takeOver", async (_self, original, args) => {
+      await original(...args);
+      throw new Error("Network connection lost.");
+    });
+    const second = await TestClient.connect();
+    try {
+      await second.waitFor(() => second.frames.find((f) => f.op === 10), "HELLO");
+      second.send({ op: 6, d: { token: await token("zombie-user"), session_id: sessionId, seq: 1 } });
+      await second.waitFor(() => second.frames.find((f) => f.op === 9), "INVALID_SESSION");
+    } finally {
+      restore();
+    }
+    expect(await sessionStatus(sessionId)).toBe("moved"); // to an object that holds nothing
+    // The client starts over, as op 9 tells it to, and later leaves for good.
+    const third = await TestClient.connect();
+    await third.identify("zombie-user");
+    third.ws.close(1000, "bye");
+    // No one holds the first session any more: the guild must stop delivering to it.
+    await post(guildId, "zombie-user", "to whom?");
+    await eventually(async () => (await fanoutSessions(guildId)) === 0, "the guild forgetting the session no one holds");
+    await addMember("zombie-origin-2", "zombie-user"); // the directory tells its sessions, and hears back
+    expect(await userSessions("zombie-user")).toEqual([]);
+  });
 });
 
 describe("made-up guild ids", () => {

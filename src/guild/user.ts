@@ -99,7 +99,8 @@ export class User extends DurableObject<Env> {
   private tell(target: string, guildId: string, change: Change): Promise<"told" | "gone" | "unreachable"> {
     const session = this.env.SESSION.get(this.env.SESSION.idFromString(target));
     return (change === "added" ? session.guildAdded(guildId) : session.guildRemoved(guildId)).then(
-      (answer) => (answer.gone === true ? "gone" : "told"),
+      // Sessions of versions before 9a5867e answer nothing (still running during a gradual deployment).
+      (answer: { gone?: true } | undefined) => (answer?.gone === true ? "gone" : "told"),
       (error: unknown) => (console.warn(`user directory: session ${target} unreachable:`, error), "unreachable"),
     );
   }

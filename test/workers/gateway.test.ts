@@ -448,6 +448,26 @@ describe("fanout to sessions that fail or have ended", () => {
     await addMember("zombie-origin-2", "zombie-user"); // the directory tells its sessions, and hears back
     expect(await userSessions("zombie-user")).toEqual([]);
   });
+
+  it("a membership change reaches a session of an older version (guildAdded answered nothing, as before 9a5867e) without failing", async () => {
+    await addMember("old-version-a", "old-version-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("old-version-user");
+    // During a gradual deployment this session object still runs the first release's code.
+    const restore = await patchMethod(sessionStub(sessionId), "guildAdded", async (_self, original, args) => {
+      await original(...args);
+      return undefined;
+    });
+    let status: number;
+    try {
+      status = (await api("PUT", "/api/guilds/old-version-b/members/old-version-user", "admin")).status;
+    } finally {
+      restore();
+    }
+    expect(status).toBe(201);
+    await client.waitFor(() => client.dispatches("GUILD_CREATE")[0], "GUILD_CREATE");
+    expect(await userSessions("old-version-user")).toEqual([sessionId]);
+  });
 });
 
 describe("made-up guild ids", () => {

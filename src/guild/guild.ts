@@ -494,8 +494,54 @@ export class Guild extends DurableObject<Env> {
   private async forget(sessionId: string): Promise<void> {
     if (!this.subscribers.delete(sessionId)) return;
     this.sql.exec("DELETE FROM subscriptions WHERE session_id = ?", sessionId);
-    if (this.relayCount > 0) await this.assign(this.relayOf(sessionId), [], [sessionId]);
-    else this.sessions.remove(sessionId);
+    if (this.relayCount === 0) return void this.sessions.remove(sessionId);
+    // Well under the threshold (hysteresis: no flapping around it), relays cost more than they save.
+    if (this.subscribers.size < this.config.relayThreshold / 2 && this.syncing === 0) return this.useDirect();
+    await this.assign(this.relayOf(sessionId), [], [sessionId]);
+  }
+
+  /**
+   * Back to delivering to sessions directly, once few are left: otherwise a guild that once
+   * peaked keeps every relay it doubled to, one RPC (and a checkpoint row and alarm) per relay per
+   * message, for good. What was still queued for the relays goes to the sessions (bare: the
+   * relays' envelopes carry a relay's carrier), the relays let every session go, and what they
+   * still had for one is queued for it again; sessions drop repeats and pull gaps as ever.
+   */
+  private async useDirect(): Promise<void> {
+    const count = this.relayCount;
+    const unsent = new Map<number, GuildEvent>();
+    for (const incoming of this.relays.pending()) {
+      const { message } = normalize(incoming);
+      unsent.set(message.seq, message);
+    }
+    const backlog = [...unsent.values()].sort((a, b) => a.seq - b.seq);
+    this.relayCount = 0;
+    this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('relay_count', '0')");
+    this.addRelayRecipients();
+    for (const [sessionId, { userId, target }] of this.subscribers) this.sessions.add(sessionId, userId, target, [...backlog]);
+    this.syncing++;
+    try {
+      const released = await Promise.all(
+        Array.from({ length: count }, (_, i) => {
+          const stub = this.env.RELAY.get(this.env.RELAY.idFromName(this.relayName(i)));
+          return stub.assign(this.guildId!, [], [], true);
+        }),
+      );
+      for (const { sessionId, backlog: theirs } of released.flat()) {
+        const recipient = this.sessions.get(sessionId);
+        if (!recipient || theirs.length === 0) continue;
+        // Re-adding abandons the RPC under way, so its events go again too (sessions drop repeats).
+        this.sessions.add(sessionId, recipient.userId, recipient.target, [...theirs, ...recipient.batch, ...recipient.queue]);
+        const seqs = seqRange(theirs);
+        if (seqs) this.checkpoint.accept(seqs.first, seqs.last);
+      }
+    } catch (error) {
+      // A relay that could not be told may have dropped what it was sending: owe the newest events again.
+      console.error(`guild ${this.guildId}: a relay could not let its sessions go; resending recent events:`, error);
+      this.checkpoint.resendRecent();
+    } finally {
+      this.syncing--;
+    }
   }
 
   private user(userId: string) {

@@ -124,6 +124,30 @@ describe("relays (RELAY_THRESHOLD=4, RELAY_SIZE=3 in this project)", () => {
     expect(clients[4]!.messageSeqs()).toEqual([]);
   });
 
+  it("a guild whose sessions have mostly left stops fanning out through its relays, and its last session misses nothing", async () => {
+    const guildId = "relay-shrink";
+    const clients = await joinMany(guildId, "shr", 10);
+    await post(guildId, "shr-0", "at the peak");
+    for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "the first message");
+    const peak = (await guildStub(guildId).fanoutState()).relays;
+    expect(peak).toBeGreaterThanOrEqual(4);
+    // The peak is over (an event ended, a raid left): all but one session end.
+    for (const client of clients.slice(1)) client.ws.close(1000, "bye");
+    await eventually(async () => (await guildStub(guildId).fanoutState()).sessions === 1, "9 sessions unsubscribed");
+    let publishes = 0;
+    const restore = await patchMethod(relayStub(guildId, 0), "publish", (_self, original, args) => (publishes++, original(...args)));
+    try {
+      await post(guildId, "shr-0", "after the peak");
+      await clients[0]!.waitFor(() => clients[0]!.messageSeqs().length === 2, "the second message");
+    } finally {
+      restore();
+    }
+    // One session does not need 6 relays: one RPC per relay per message, and a checkpoint row
+    // and alarm on each relay, for a guild that a single RPC would serve.
+    expect({ relays: (await guildStub(guildId).fanoutState()).relays, publishes }).toEqual({ relays: 0, publishes: 0 });
+    expect(clients[0]!.messageSeqs()).toEqual([1, 2]);
+  });
+
   it("keep delivering after the guild and a relay are evicted", async () => {
     const guildId = "relay-evict";
     const clients = await joinMany(guildId, "ev", 5);
@@ -466,5 +490,32 @@ describe("relays that fail or are slow", () => {
       expect(client.messageSeqs()).toEqual([1, 2, 3]);
     }
   });
-});
 
+  it("when relays are released, events still queued for or in flight to them, and those posted meanwhile, reach the session left", async () => {
+    const guildId = "relay-release";
+    const clients = await joinMany(guildId, "rel", 10);
+    expect((await guildStub(guildId).fanoutState()).relays).toBeGreaterThanOrEqual(4);
+    // Every relay is slow to take events, so the first messages are still with them when the guild lets them go.
+    const restore = await patchMethod(relayStub(guildId, 0), "publish", async (_self, original, args) => {
+      await scheduler.wait(500);
+      return original(...args);
+    });
+    const [kept, ...leaving] = clients;
+    try {
+      await Promise.all([1, 2, 3].map((n) => post(guildId, "rel-0", `m${n}`)));
+      for (const client of leaving) client.ws.close(1000, "bye");
+      // Posted while the sessions leave and the guild goes back to sending directly.
+      for (const n of [4, 5, 6]) {
+        await post(guildId, "rel-0", `m${n}`);
+        await scheduler.wait(100);
+      }
+      await eventually(async () => (await guildStub(guildId).fanoutState()).relays === 0, "the relays released");
+    } finally {
+      restore();
+    }
+    // No later message arrives to reveal a gap: the events themselves must get there, once each, in order.
+    await kept!.waitFor(() => kept!.messageSeqs().length >= 6, "all six messages", 5000);
+    await scheduler.wait(100);
+    expect(kept!.messageSeqs()).toEqual([1, 2, 3, 4, 5, 6]);
+  });
+});

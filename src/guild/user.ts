@@ -19,14 +19,39 @@ export class User extends DurableObject<Env> {
     `);
   }
 
-  /** Registers a live session (or its new holder after a resume); returns the user's guilds. */
-  async attachSession(sessionId: string, target: string): Promise<string[]> {
+  /**
+   * Registers a live session (or its new holder after a resume); returns the user's guilds, or
+   * `null` when a new session would take the user past MAX_SESSIONS_PER_USER. A resume is never
+   * refused: its session holds a place already.
+   */
+  async attachSession(sessionId: string, target: string, resuming = true): Promise<string[] | null> {
+    if (!resuming && this.liveSessions() >= MAX_SESSIONS_PER_USER) {
+      // Sessions that ended without detaching (their object failed to say so) must not hold places for good.
+      await this.forgetEndedSessions();
+      if (this.liveSessions() >= MAX_SESSIONS_PER_USER) return null;
+    }
     this.sql.exec(
       "INSERT INTO sessions (session_id, target) VALUES (?, ?) ON CONFLICT (session_id) DO UPDATE SET target = excluded.target",
       sessionId,
       target,
     );
     return this.guilds();
+  }
+
+  private liveSessions(): number {
+    return this.sql.exec<{ n: number }>("SELECT COUNT(*) AS n FROM sessions").one().n;
+  }
+
+  private async forgetEndedSessions(): Promise<void> {
+    const sessions = this.sql.exec<{ session_id: string; target: string }>("SELECT session_id, target FROM sessions").toArray();
+    await Promise.all(
+      sessions.map(async ({ session_id, target }) => {
+        const held = await this.env.SESSION.get(this.env.SESSION.idFromString(target))
+          .isHeld()
+          .catch(() => true); // unreachable: maybe alive
+        if (!held) this.forget(session_id, target);
+      }),
+    );
   }
 
   async detachSession(sessionId: string): Promise<void> {
@@ -112,6 +137,13 @@ export class User extends DurableObject<Env> {
 }
 
 type Change = "added" | "removed";
+
+/**
+ * Live sessions one user may have at once (including disconnected ones still resumable). Each is
+ * subscribed to every guild of the user, so without a bound one client identifying over and over
+ * would multiply the fanout of every guild it is in.
+ */
+export const MAX_SESSIONS_PER_USER = 32;
 
 /** When a membership change that could not reach a session is tried again, and how long before it is forgotten. */
 const FIRST_RETRY_MS = 1000;

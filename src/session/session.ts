@@ -249,10 +249,15 @@ export class Session extends DurableObject<Env> {
   private async identify(ws: WebSocket, token: string): Promise<void> {
     const userId = await this.authenticate(ws, token);
     if (!userId) return;
+    let tooMany = false;
     try {
       await this.enqueue(async () => {
         this.setState({ status: "ready", sessionId: this.selfId, userId });
-        const guildIds = await this.user(userId).attachSession(this.selfId, this.selfId);
+        const guildIds = await this.user(userId).attachSession(this.selfId, this.selfId, false);
+        if (guildIds === null) {
+          tooMany = true;
+          return;
+        }
         // A guild that cannot be reached now is left out and announced with GUILD_CREATE once
         // it can be (Discord's unavailable guilds), rather than keeping the user out of the rest.
         const subscribed = await this.settle(await this.requestSubscriptions(guildIds), { announce: false });
@@ -263,6 +268,11 @@ export class Session extends DurableObject<Env> {
       // say so with a close it can act on, rather than leave it waiting.
       console.error("IDENTIFY failed:", error);
       closeSocket(ws, CloseCode.UNKNOWN_ERROR, "the session could not be started; identify again");
+      await this.enqueue(() => this.end());
+      return;
+    }
+    if (tooMany) {
+      closeSocket(ws, CloseCode.RATE_LIMITED, "too many sessions for this user; end one or resume it");
       await this.enqueue(() => this.end());
     }
   }
@@ -290,7 +300,7 @@ export class Session extends DurableObject<Env> {
         for (const { guildId, lastSeq } of guilds) this.setGuildSeq(guildId, lastSeq);
         // Already in the buffer: if the client dropped meanwhile, its next RESUME gets them.
         if (ws.readyState === WebSocket.READY_STATE_OPEN) for (const { frame } of frames) ws.send(frame);
-        const memberOf = await this.user(userId).attachSession(request.session_id, this.selfId);
+        const memberOf = (await this.user(userId).attachSession(request.session_id, this.selfId)) ?? [];
         // Each guild re-targets its deliveries here and replays what came after `lastSeq`, or
         // says the user was removed meanwhile. Guilds joined meanwhile are caught up on too: the
         // user directory's notices during the hand-off went to the previous holder.
@@ -339,6 +349,11 @@ export class Session extends DurableObject<Env> {
       }
       return handOff;
     });
+  }
+
+  /** For the user directory: is a session held here (connected, or resumable)? */
+  async isHeld(): Promise<boolean> {
+    return HOLDING.has(this.state.status);
   }
 
   /** The session's last holder ended it: the pointer kept here is no longer needed. */

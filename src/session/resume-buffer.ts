@@ -6,6 +6,8 @@ export interface BufferedDispatch {
   frame: string;
   guildId?: string;
   guildSeq?: number;
+  /** When it was first stored: kept through a hand-off, so a RESUME does not make it young again. */
+  at?: number;
 }
 
 /**
@@ -76,19 +78,27 @@ export class ResumeBuffer {
 
   /** Frames after `seq`, in order. */
   framesAfter(seq: number): { s: number; frame: string }[] {
-    const rows = this.sql.exec<{ first_s: number; frames: string }>("SELECT first_s, frames FROM dispatch_runs WHERE last_s > ? ORDER BY first_s", seq);
-    const frames: { s: number; frame: string }[] = [];
+    return this.agedFramesAfter(seq).map(({ s, frame }) => ({ s, frame }));
+  }
+
+  /** Frames after `seq`, in order, each with when it was first stored: what a hand-off carries. */
+  agedFramesAfter(seq: number): { s: number; frame: string; at: number }[] {
+    const rows = this.sql.exec<{ first_s: number; frames: string; at: number }>("SELECT first_s, frames, at FROM dispatch_runs WHERE last_s > ? ORDER BY first_s", seq);
+    const frames: { s: number; frame: string; at: number }[] = [];
     for (const row of rows) {
       (JSON.parse(row.frames) as string[]).forEach((frame, i) => {
         const s = row.first_s + i;
-        if (s > seq) frames.push({ s, frame });
+        if (s > seq) frames.push({ s, frame, at: row.at });
       });
     }
     return frames;
   }
 
-  /** Takes the frames handed over by the session's previous holder in place of any kept here. */
-  restore(frames: { s: number; frame: string }[], now = Date.now()): void {
+  /**
+   * Takes the frames handed over by the session's previous holder in place of any kept here,
+   * each as old as it was there (one from a holder that sent no age counts from now).
+   */
+  restore(frames: { s: number; frame: string; at?: number }[], now = Date.now()): void {
     this.sql.exec("DELETE FROM dispatch_runs");
     this.insert(runsOf(frames), now);
   }
@@ -124,7 +134,7 @@ export class ResumeBuffer {
     for (let from = 0; from < runs.length; from += ROWS_PER_INSERT) {
       const rows = runs.slice(from, from + ROWS_PER_INSERT);
       const values: (string | number | null)[] = [];
-      for (const run of rows) values.push(run.firstS, run.lastS, JSON.stringify(run.frames), now, run.guildId ?? null, run.guildSeq ?? null);
+      for (const run of rows) values.push(run.firstS, run.lastS, JSON.stringify(run.frames), run.at ?? now, run.guildId ?? null, run.guildSeq ?? null);
       this.sql.exec(`INSERT OR REPLACE INTO dispatch_runs (first_s, last_s, frames, at, guild_id, guild_seq) VALUES ${placeholders(rows.length)}`, ...values);
     }
   }
@@ -154,16 +164,17 @@ interface Run {
   units: number;
   guildId?: string;
   guildSeq?: number;
+  at?: number;
 }
 
-/** Splits dispatches into runs: a new run starts at a gap in `s`, at a second guild, or when a row would grow too big. */
+/** Splits dispatches into runs: a new run starts at a gap in `s`, at a second guild, at another age, or when a row would grow too big. */
 function runsOf(dispatches: Iterable<BufferedDispatch>): Run[] {
   const runs: Run[] = [];
   let run: Run | undefined;
   for (const dispatch of dispatches) {
-    const { s, frame, guildId, guildSeq } = dispatch;
+    const { s, frame, guildId, guildSeq, at } = dispatch;
     if (run === undefined || !continues(run, dispatch)) {
-      run = { firstS: s, lastS: s, frames: [], units: 0 };
+      run = { firstS: s, lastS: s, frames: [], units: 0, ...(at === undefined ? {} : { at }) };
       runs.push(run);
     }
     run.lastS = s;
@@ -177,9 +188,10 @@ function runsOf(dispatches: Iterable<BufferedDispatch>): Run[] {
   return runs;
 }
 
-function continues(run: Run, { s, frame, guildId }: BufferedDispatch): boolean {
+function continues(run: Run, { s, frame, guildId, at }: BufferedDispatch): boolean {
   return (
     s === run.lastS + 1 &&
+    at === run.at &&
     (guildId === undefined || run.guildId === undefined || guildId === run.guildId) &&
     run.units + frame.length <= MAX_RUN_UNITS
   );

@@ -54,7 +54,7 @@ interface OwedGuilds {
 
 /** What the session's current holder hands to the object a client resumed on. */
 export type HandOff =
-  | { kind: "ok"; userId: string; s: number; guilds: GuildPosition[]; frames: { s: number; frame: string }[] }
+  | { kind: "ok"; userId: string; s: number; guilds: GuildPosition[]; frames: { s: number; frame: string; at?: number }[] }
   | { kind: "unknown" }
   | { kind: "seq_ahead" }
   | { kind: "wrong_user" };
@@ -336,7 +336,7 @@ export class Session extends DurableObject<Env> {
       if (request.seq > s) return { kind: "seq_ahead" };
       const oldest = this.buffer.oldestSeq();
       if (request.seq < s && (oldest === null || oldest > request.seq + 1)) return { kind: "unknown" };
-      const handOff: HandOff = { kind: "ok", userId, s, guilds: this.guildSeqs(), frames: this.buffer.framesAfter(request.seq) };
+      const handOff: HandOff = { kind: "ok", userId, s, guilds: this.guildSeqs(), frames: this.buffer.agedFramesAfter(request.seq) };
       const ws = this.socket();
       if (ws) closeSocket(ws, CloseCode.UNKNOWN_ERROR, "session resumed on another connection");
       if (sessionId === this.selfId) {

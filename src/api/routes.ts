@@ -28,7 +28,16 @@ export async function handleRequest(request: Request, env: Env, ctx: ExecutionCo
   }
   // Only the API's routes are traced: `/gateway` hands the socket to its session, which has none.
   if (!new URL(request.url).pathname.startsWith("/api/")) return respond(request, env);
-  return withServerSpan(request, telemetry, (promise) => ctx.waitUntil(promise), () => respond(request, env));
+  return withServerSpan(
+    request,
+    telemetry,
+    (promise) => ctx.waitUntil(promise),
+    () => respond(request, env),
+    () => authenticate(request, env).then(
+      () => true,
+      () => false,
+    ),
+  );
 }
 
 /** Environments whose fanout and transport settings parsed (the Worker's env lives as long as its isolate). */

@@ -41,15 +41,21 @@ export function routeTemplate(pathname: string): string | undefined {
 /**
  * Runs `handler` inside the API's server span when the request is sampled, and exports the span
  * in `waitUntil`. Unsampled requests run with no span and no context at all.
+ *
+ * A sampled traceparent is honoured only from a caller `trusted` vouches for (one with a valid
+ * token): otherwise anyone could have every request traced and exported, whatever
+ * TRACE_SAMPLE_RATE says, without an account. From others it is ignored, and head sampling decides.
  */
 export async function withServerSpan(
   request: Request,
   telemetry: Telemetry,
   waitUntil: (promise: Promise<unknown>) => void,
   handler: () => Promise<Response>,
+  trusted: () => Promise<boolean> = async () => true,
 ): Promise<Response> {
-  const parent = incomingTraceContext(request);
+  let parent = incomingTraceContext(request);
   if (parent === null || !telemetry.enabled) return handler();
+  if (parent !== undefined && !(await trusted())) parent = undefined;
   const url = new URL(request.url);
   const route = routeTemplate(url.pathname);
   const parentContext = parent ?? ROOT_CONTEXT;

@@ -38,6 +38,8 @@ interface State {
   s: number;
   movedTo: string;
   heartbeatDeadline: number;
+  /** A connection that has not identified (or resumed) by then is closed 4003, heartbeats or not. */
+  identifyDeadline?: number;
   resumeDeadline: number;
   /** Guilds the session should be in whose subscribe failed: tried again from the alarm. */
   owed?: OwedGuilds;
@@ -152,7 +154,10 @@ export class Session extends DurableObject<Env> {
     const { 0: client, 1: server } = new WebSocketPair();
     this.ctx.acceptWebSocket(server);
     this.send(server, { op: Op.HELLO, d: { heartbeat_interval: this.heartbeatInterval } });
-    this.extendHeartbeat();
+    // One deadline for the first heartbeat and for IDENTIFY/RESUME; heartbeats extend only the first.
+    const deadline = Date.now() + this.heartbeatInterval * HEARTBEAT_TIMEOUT_FACTOR;
+    this.setState({ heartbeatDeadline: deadline, identifyDeadline: deadline });
+    this.scheduleAlarm();
     return new Response(null, { status: 101, webSocket: client });
   }
 
@@ -220,6 +225,12 @@ export class Session extends DurableObject<Env> {
       const ws = this.socket();
       if (ws) return this.close(ws, CloseCode.SESSION_TIMED_OUT, "no heartbeat received in time");
       return this.disconnected(CloseCode.SESSION_TIMED_OUT);
+    }
+    if (status === "connecting" && !this.handshaking && now >= (this.state.identifyDeadline ?? Infinity)) {
+      // Heartbeats alone do not keep an anonymous connection (and its object) alive.
+      const ws = this.socket();
+      if (ws) return this.close(ws, CloseCode.NOT_AUTHENTICATED, "identify or resume in time");
+      return this.disconnected(CloseCode.NOT_AUTHENTICATED);
     }
     if (status === "disconnected" && now >= this.state.resumeDeadline) {
       // After any task in progress, and only if no RESUME took the session meanwhile.
@@ -722,7 +733,14 @@ export class Session extends DurableObject<Env> {
 
   private scheduleAlarm(): void {
     const { status, heartbeatDeadline, resumeDeadline, owed } = this.state;
-    const deadline = status === "disconnected" ? resumeDeadline : status === "ready" || status === "connecting" ? heartbeatDeadline : 0;
+    const deadline =
+      status === "disconnected"
+        ? resumeDeadline
+        : status === "connecting"
+          ? Math.min(heartbeatDeadline, this.handshaking ? Infinity : (this.state.identifyDeadline ?? Infinity))
+          : status === "ready"
+            ? heartbeatDeadline
+            : 0;
     const at = owed && HOLDING.has(status) ? Math.min(owed.retryAt, deadline || Infinity) : deadline;
     if (at > 0) void this.ctx.storage.setAlarm(at);
   }

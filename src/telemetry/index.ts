@@ -169,9 +169,9 @@ export function parseEndpoint(value: string | undefined): string {
   } catch {
     // reported below
   }
-  const shown = value.includes("@") ? "(not shown: it may hold credentials)" : `"${value}"`; // errors reach clients
   if (url?.protocol !== "http:" && url?.protocol !== "https:") {
-    throw new Error(`OTEL_EXPORTER_OTLP_ENDPOINT is ${shown}; expected an http:// or https:// URL, or empty to turn tracing off`);
+    // The value is not shown: errors reach anonymous clients, and an endpoint may carry a key in its query.
+    throw new Error("OTEL_EXPORTER_OTLP_ENDPOINT is not an http:// or https:// URL; set one, or leave it empty to turn tracing off");
   }
   if (url.username || url.password) {
     throw new Error("OTEL_EXPORTER_OTLP_ENDPOINT has credentials in it; send them with OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Basic%20…) instead");

@@ -441,7 +441,9 @@ describe("a bad setting", () => {
     expect(() => parseEndpoint("user:s3cret@collector.example")).not.toThrow(/s3cret/);
     expect(() => parseEndpoint("https://user:p@ssw0rd@collector.example/")).not.toThrow(/ssw0rd/);
     expect(() => parseEndpoint("https://user:pa/ssw0rd@collector.example/")).not.toThrow(/ssw0rd/);
-    expect(() => parseEndpoint("collector.example:4318")).toThrow(/"collector.example:4318"/); // nothing secret: shown
+    expect(() => parseEndpoint("collector.example:4318")).toThrow(/OTEL_EXPORTER_OTLP_ENDPOINT is not an http/);
+    // Errors reach anonymous clients: a key in the query of a mistyped endpoint is never shown.
+    expect(() => parseEndpoint("htps://collector.example/v1?api_key=s3cret")).not.toThrow(/s3cret/);
     expect(() => parseHeaders("authorization=Bearer%20s3cr%E2%82%ACt")).toThrow(/printable ASCII/);
     expect(() => parseHeaders("authorization=Bearer%20s3cr%E2%82%ACt")).not.toThrow(/s3cr/);
     expect(() => parseHeaders("authorization=Bearer%20s3cret,x-bad=%E0%A4%A")).toThrow(/entry "x-bad"/);

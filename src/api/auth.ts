@@ -2,6 +2,7 @@
  * Signed tokens: base64url(JSON claims) "." base64url(HMAC-SHA256(claims)).
  * Verification goes through Web Crypto's `verify`, which compares in constant time.
  */
+import { type Env, isDevelopment } from "../env.ts";
 
 export type Role = "user" | "admin";
 
@@ -80,8 +81,16 @@ export async function verifyToken(secret: string, token: unknown, now = Date.now
   return { sub, role, exp };
 }
 
+/**
+ * The secret `.dev.vars` ships with (public: it is in the repository). Refused outside
+ * development, in case `.dev.vars` is uploaded (`wrangler secret bulk .dev.vars`): anyone could
+ * sign admin tokens with it.
+ */
+const DEVELOPMENT_SECRET = "guildwire-development-only-secret-do-not-deploy";
+
 /** The signing secret, or `null`: there is no default, in development or anywhere else. */
-export function authSecret(env: { AUTH_SECRET?: string }): string | null {
+export function authSecret(env: Pick<Env, "AUTH_SECRET" | "ENVIRONMENT">): string | null {
   const secret = env.AUTH_SECRET;
-  return typeof secret === "string" && secret.length >= 16 ? secret : null;
+  if (typeof secret !== "string" || secret.length < 16) return null;
+  return secret === DEVELOPMENT_SECRET && !isDevelopment(env) ? null : secret;
 }

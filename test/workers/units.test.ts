@@ -5,7 +5,7 @@ import { JsonTraceSerializer } from "@opentelemetry/otlp-transformer";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import type { ReadableSpan, SpanExporter } from "@opentelemetry/sdk-trace-base";
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { signToken, verifyToken } from "../../src/api/auth.ts";
+import { authSecret, signToken, verifyToken } from "../../src/api/auth.ts";
 import { handleRequest } from "../../src/api/routes.ts";
 import { routeTemplate } from "../../src/api/tracing.ts";
 import { parseClientFrame } from "../../src/gateway/frames.ts";
@@ -45,6 +45,17 @@ describe("tokens", () => {
     const exp = Math.floor(Date.now() / 1000) + 60;
     expect(await verifyToken(SECRET, await signToken(SECRET, { sub: "bad id!", role: "user", exp }))).toBeNull();
     expect(await verifyToken(SECRET, await signToken(SECRET, { sub: "u1", role: "root" as "admin", exp }))).toBeNull();
+  });
+
+  it("have no default secret, and the one .dev.vars ships is refused outside development", () => {
+    // This project's env is .dev.vars (development), so its AUTH_SECRET is the public one.
+    const shipped = env.AUTH_SECRET!;
+    expect(authSecret({ AUTH_SECRET: shipped, ENVIRONMENT: "development" })).toBe(shipped);
+    expect(authSecret({ AUTH_SECRET: shipped, ENVIRONMENT: "production" })).toBeNull();
+    expect(authSecret({ AUTH_SECRET: shipped })).toBeNull();
+    expect(authSecret({ AUTH_SECRET: SECRET, ENVIRONMENT: "production" })).toBe(SECRET);
+    expect(authSecret({ AUTH_SECRET: "too-short", ENVIRONMENT: "development" })).toBeNull();
+    expect(authSecret({ ENVIRONMENT: "development" })).toBeNull();
   });
 });
 

@@ -26,7 +26,7 @@ function workersProject(name: string, options: { include?: string[]; exclude?: s
 export default defineConfig({
   test: {
     projects: [
-      workersProject("workers", { exclude: ["test/workers/**/*.bare.test.ts", "test/workers/**/*.relay.test.ts"] }),
+      workersProject("workers", { exclude: ["test/workers/**/*.bare.test.ts", "test/workers/**/*.relay.test.ts", "test/workers/**/*.retention.test.ts"] }),
       // The same Worker deployed with TRANSPORT_MODE=bare, as during a rollout.
       workersProject("workers-bare", { include: ["test/workers/**/*.bare.test.ts"], bindings: { TRANSPORT_MODE: "bare" } }),
       // Relays from 4 live sessions, 3 sessions per relay: small enough to test every transition.
@@ -34,6 +34,8 @@ export default defineConfig({
         include: ["test/workers/**/*.relay.test.ts"],
         bindings: { RELAY_THRESHOLD: "4", RELAY_SIZE: "3" },
       }),
+      // A guild keeps 20 messages: pruning, and sessions and members past what it pruned.
+      workersProject("workers-retention", { include: ["test/workers/**/*.retention.test.ts"], bindings: { MESSAGE_RETENTION: "20" } }),
       {
         // Starts the gateway as `npm start` does and talks to it over real sockets.
         test: {

@@ -32,6 +32,8 @@ export interface Env {
   FANOUT_MAX_IN_FLIGHT?: string;
   /** Events per recipient, on average, queued or in flight beyond which new messages wait. */
   FANOUT_MAX_BACKLOG?: string;
+  /** Messages a guild keeps in its log and history (default 100000); older ones are pruned. */
+  MESSAGE_RETENTION?: string;
   /** `coalesce` (default) or `naive`: the benchmark's one-RPC-per-message baseline. */
   FANOUT_STRATEGY?: string;
 }

@@ -1,6 +1,7 @@
 import type { Env } from "../env.ts";
 import { isDevelopment } from "../env.ts";
 import { deliveryConfig } from "../guild/delivery.ts";
+import { messageRetention } from "../guild/guild.ts";
 import { CONTENT_RULE, type GuildResult, isValidContent } from "../guild/events.ts";
 import { call, parseTransportMode } from "../transport/index.ts";
 import { type Claims, DEFAULT_TOKEN_TTL_SECONDS, authSecret, isValidId, signToken, verifyToken } from "./auth.ts";
@@ -20,6 +21,7 @@ export async function handleRequest(request: Request, env: Env, ctx: ExecutionCo
     // (for `/gateway` too) instead of answering internal_error for every request they would serve.
     if (!checkedSettings.has(env)) {
       deliveryConfig(env);
+      messageRetention(env);
       checkedSettings.add(env);
     }
   } catch (error) {

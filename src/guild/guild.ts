@@ -1,5 +1,5 @@
 import { DurableObject } from "cloudflare:workers";
-import type { Env } from "../env.ts";
+import { type Env, positiveIntegerVar } from "../env.ts";
 import type { Message } from "../gateway/protocol.ts";
 import { type Telemetry, telemetryFor } from "../telemetry/index.ts";
 import { type HandleOptions, type Incoming, handle, normalize } from "../transport/index.ts";
@@ -21,6 +21,17 @@ export interface CreateMessage {
 export const MAX_HISTORY_LIMIT = 100;
 /** Events a session may pull in one go to fill a gap; a longer gap takes several pulls. */
 const MAX_PULL = 1000;
+/**
+ * Messages a guild keeps (MESSAGE_RETENTION): its log is its history and what sessions pull to
+ * fill gaps, and an object's storage is capped (10 GB on Cloudflare), so the oldest are pruned.
+ */
+export function messageRetention(env: Pick<Env, "MESSAGE_RETENTION">): number {
+  return positiveIntegerVar("MESSAGE_RETENTION", env.MESSAGE_RETENTION, 100_000);
+}
+/** Pruning runs once per this many messages (or per retention, if fewer): a range delete, not one per post. */
+const PRUNE_EVERY = 1000;
+/** Most messages one prune deletes, so a log far over retention (a lowered setting) is worked off over several. */
+const PRUNE_AT_MOST = 10_000;
 /** How long a removed member's sessions may still pull what was posted before the removal. */
 const DEPARTURE_KEPT_MS = 5 * 60_000;
 /** Messages one author may post per second, and the burst allowed on top. */
@@ -60,6 +71,7 @@ export class Guild extends DurableObject<Env> {
   private readonly authorBuckets = new Map<string, { tokens: number; at: number }>();
   private guildId: string | null;
   private lastSeq: number;
+  private readonly retention: number;
   /** Every live session subscribed here (mirrors the `subscriptions` table). */
   private readonly subscribers = new Map<string, Subscriber>();
   /** Direct delivery to sessions, while there are no relays. */
@@ -86,6 +98,7 @@ export class Guild extends DurableObject<Env> {
     super(ctx, env);
     // A bad TRANSPORT_MODE, FANOUT_SAMPLING or relay setting fails loudly here.
     this.config = deliveryConfig(env);
+    this.retention = messageRetention(env);
     this.telemetry = telemetryFor("guildwire-guild", env);
     this.traced = this.telemetry.handleOptions;
     this.sql = ctx.storage.sql;
@@ -235,6 +248,7 @@ export class Guild extends DurableObject<Env> {
       message.timestamp,
     );
     this.lastSeq = message.seq;
+    if (message.seq % Math.min(PRUNE_EVERY, this.retention) === 0) this.prune();
     this.checkpoint.accept(message.seq);
     return ok(message);
   }
@@ -346,7 +360,7 @@ export class Guild extends DurableObject<Env> {
   private readonly resend = async (first: number, last: number): Promise<void> => {
     if (this.relayCount > 0 && !this.relaysSynced) await this.syncRelays();
     const fanout: Fanout<SessionStub | RelayStub> = this.relayCount > 0 ? this.relays : this.sessions;
-    for (const message of this.messagesAfter(first - 1, last - first + 1)) {
+    for (const message of this.messagesAfter(first - 1, last - first + 1, last)) {
       const event = messageCreateEvent(message);
       void fanout.publish(() => event);
     }
@@ -367,7 +381,7 @@ export class Guild extends DurableObject<Env> {
    * session of a member removed lately, up to the last message before the removal.
    */
   async eventsAfter(sessionId: string, after: number, limit: number, userId?: string): Promise<GuildEvent[]> {
-    let last = Infinity;
+    let last = this.lastSeq;
     if (!this.subscribers.has(sessionId)) {
       // A member removed lately: their sessions may still read what was posted before that.
       const departure =
@@ -377,7 +391,8 @@ export class Guild extends DurableObject<Env> {
       if (!departure) return [];
       last = departure.up_to;
     }
-    return this.messagesAfter(after, Math.max(0, Math.min(limit, MAX_PULL, last - after))).map(messageCreateEvent);
+    // Bounded by seq, not only by count: past pruned messages a count would reach beyond a departure.
+    return this.messagesAfter(after, Math.max(0, Math.min(limit, MAX_PULL, last - after)), last).map(messageCreateEvent);
   }
 
   /** Live sessions and how they are reached, for operators and tests. */
@@ -583,9 +598,22 @@ export class Guild extends DurableObject<Env> {
     return null;
   }
 
-  private messagesAfter(after: number, limit: number): Message[] {
+  /**
+   * Deletes messages older than the newest `retention` (the newest is always kept: `lastSeq` is
+   * read back from it). A session that pulls past them finds the hole and goes on after it.
+   */
+  private prune(): void {
+    this.sql.exec(
+      "DELETE FROM messages WHERE seq <= ? AND seq < (SELECT MIN(seq) FROM messages) + ?",
+      this.lastSeq - this.retention,
+      PRUNE_AT_MOST,
+    );
+  }
+
+  /** Stored messages after `after`, up to `upTo`, oldest first. */
+  private messagesAfter(after: number, limit: number, upTo = Number.MAX_SAFE_INTEGER): Message[] {
     return this.sql
-      .exec<MessageRow>("SELECT seq, id, author_id, content, timestamp FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", after, limit)
+      .exec<MessageRow>("SELECT seq, id, author_id, content, timestamp FROM messages WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", after, upTo, limit)
       .toArray()
       .map((row) => ({
         id: row.id,

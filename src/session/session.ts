@@ -608,18 +608,28 @@ export class Session extends DurableObject<Env> {
     this.scheduleAlarm();
   }
 
-  /** Pulls the events between `lastSeq` and `nextSeq` that never arrived; returns the new last seq. */
+  /**
+   * Pulls the events between `lastSeq` and `nextSeq` that never arrived; returns the new last seq.
+   * A guild's log has no holes but what it pruned (MESSAGE_RETENTION): events that no longer
+   * exist are skipped, or the session would wait for them for good.
+   */
   private async fillGap(guildId: string, lastSeq: number, nextSeq: number): Promise<number> {
     try {
       while (lastSeq + 1 < nextSeq) {
         const missing = await this.guild(guildId).eventsAfter(this.state.sessionId, lastSeq, nextSeq - lastSeq - 1, this.state.userId);
+        if (missing.length === 0) break; // the guild has nothing more for us (e.g. we were unsubscribed)
         const before = lastSeq;
+        const first = Math.min(missing[0]!.seq, nextSeq);
+        if (first > lastSeq + 1) {
+          console.warn(`session ${this.state.sessionId}: guild ${guildId} no longer keeps events ${lastSeq + 1}..${first - 1}; going on after them`);
+          lastSeq = first - 1;
+        }
         for (const event of missing) {
-          if (event.seq !== lastSeq + 1) break;
+          if (event.seq !== lastSeq + 1 || event.seq >= nextSeq) break;
           this.dispatchEvent(guildId, event);
           lastSeq = event.seq;
         }
-        if (lastSeq === before) break; // the guild has nothing more for us (e.g. we were unsubscribed)
+        if (lastSeq === before) break; // nothing it sent could follow (never expected: a guild sends in order)
       }
     } finally {
       this.flushDispatches(); // what was pulled before a failure, too

@@ -429,6 +429,7 @@ describe("a bad setting", () => {
     ["RELAY_SIZE", "lots"],
     ["FANOUT_MAX_IN_FLIGHT", "-1"],
     ["FANOUT_MAX_BACKLOG", "1.5"],
+    ["MESSAGE_RETENTION", "forever"],
     ["OTEL_EXPORTER_OTLP_HEADERS", "x-api-key"],
   ])("%s=%s: the API and the gateway answer 500 server_misconfigured, naming the setting", async (name, value) => {
     const requests = [

@@ -177,7 +177,9 @@ export class Session extends DurableObject<Env> {
     const frame: ClientFrame = parsed.frame;
     switch (frame.op) {
       case Op.HEARTBEAT:
-        this.extendHeartbeat();
+        // Kept with the socket, not in storage: a stored write and an alarm per heartbeat would
+        // be most of what a quiet connection costs. The alarm catches up when it comes due.
+        ws.serializeAttachment({ ...socketNotes(ws), heartbeatDeadline: Date.now() + this.heartbeatInterval * HEARTBEAT_TIMEOUT_FACTOR });
         return this.send(ws, { op: Op.HEARTBEAT_ACK });
       case Op.IDENTIFY:
       case Op.RESUME: {
@@ -221,7 +223,7 @@ export class Session extends DurableObject<Env> {
   override async alarm(): Promise<void> {
     const now = Date.now();
     const { status, owed } = this.state;
-    if ((status === "connecting" || status === "ready") && now >= this.state.heartbeatDeadline) {
+    if ((status === "connecting" || status === "ready") && now >= this.heartbeatDeadline()) {
       const ws = this.socket();
       if (ws) return this.close(ws, CloseCode.SESSION_TIMED_OUT, "no heartbeat received in time");
       return this.disconnected(CloseCode.SESSION_TIMED_OUT);
@@ -736,13 +738,15 @@ export class Session extends DurableObject<Env> {
     void this.ctx.storage.deleteAll();
   }
 
-  private extendHeartbeat(): void {
-    this.setState({ heartbeatDeadline: Date.now() + this.heartbeatInterval * HEARTBEAT_TIMEOUT_FACTOR });
-    this.scheduleAlarm();
+  /** The stored deadline (set at connect), or the socket's, once a heartbeat has moved it on. */
+  private heartbeatDeadline(): number {
+    const ws = this.socket();
+    return Math.max(this.state.heartbeatDeadline, (ws && socketNotes(ws).heartbeatDeadline) || 0);
   }
 
   private scheduleAlarm(): void {
-    const { status, heartbeatDeadline, resumeDeadline, owed } = this.state;
+    const { status, resumeDeadline, owed } = this.state;
+    const heartbeatDeadline = status === "connecting" || status === "ready" ? this.heartbeatDeadline() : 0;
     const deadline =
       status === "disconnected"
         ? resumeDeadline
@@ -816,13 +820,15 @@ export class Session extends DurableObject<Env> {
 }
 
 /**
- * Kept with the socket (its attachment), so hibernation forgets neither: the frames the client
- * sent in the current rate-limit window, and whether this side has closed it.
+ * Kept with the socket (its attachment), so hibernation forgets none of them: the frames the
+ * client sent in the current rate-limit window, whether this side has closed it, and when it
+ * times out without another heartbeat.
  */
 interface SocketNotes {
   windowStart: number;
   frames: number;
   closedHere?: true;
+  heartbeatDeadline?: number;
 }
 
 function socketNotes(ws: WebSocket): SocketNotes {

@@ -41,6 +41,32 @@ describe("sessions over real WebSockets in workerd", () => {
     expect(client.closed).toBeNull();
   });
 
+  it("heartbeats write no storage and move no alarm, yet one kept across hibernation still counts when the alarm comes", async () => {
+    await addMember("hb-cheap", "hbc-user");
+    const client = await TestClient.connect();
+    const sessionId = await client.identify("hbc-user");
+    const stored = () =>
+      runInDurableObject(sessionStub(sessionId), async (_session, state) => ({
+        row: state.storage.sql.exec<{ data: string }>("SELECT data FROM state").one().data,
+        alarm: await state.storage.getAlarm(),
+      }));
+    const before = await stored();
+    for (let i = 1; i <= 3; i++) {
+      client.send({ op: 1, d: 2 });
+      await client.waitFor(() => client.frames.filter((f) => f.op === 11).length === i, `ACK ${i}`);
+    }
+    expect(await stored()).toEqual(before);
+    // Hibernated, then the alarm comes at the stored deadline: the socket's later one holds, and the alarm moves to it.
+    await evictDurableObject(sessionStub(sessionId), { webSockets: "hibernate" });
+    await runInDurableObject(sessionStub(sessionId), async (session: Session, state) => {
+      (session as unknown as { state: { heartbeatDeadline: number } }).state.heartbeatDeadline = Date.now() - 1;
+      await session.alarm();
+      expect(await state.storage.getAlarm()).toBeGreaterThan(Date.now() + 30_000);
+    });
+    await scheduler.wait(50);
+    expect(client.closed).toBeNull();
+  });
+
   it("remember how far they got in a guild across hibernation, so repeated events are dropped", async () => {
     await addMember("repeat", "rep-user");
     const client = await TestClient.connect();

@@ -34,6 +34,12 @@ const PRUNE_EVERY = 1000;
 const PRUNE_AT_MOST = 10_000;
 /** How long a removed member's sessions may still pull what was posted before the removal. */
 const DEPARTURE_KEPT_MS = 5 * 60_000;
+/**
+ * Posts that may wait for admission at once. Beyond it a post is refused (429) rather than held:
+ * each holds its content in memory, and a fanout stuck behind a relay that is down would
+ * otherwise gather them until the object runs out of memory.
+ */
+const MAX_WAITING_POSTS = 1000;
 /** Messages one author may post per second, and the burst allowed on top. */
 const AUTHOR_RATE_PER_SECOND = 10;
 const AUTHOR_BURST = 50;
@@ -202,7 +208,9 @@ export class Guild extends DurableObject<Env> {
     const ready = this.readyToPublish();
     if (ready) await ready;
     // A guild whose fanout has fallen behind makes posters wait rather than queue without bound.
-    await (this.relayCount > 0 ? this.relays : this.sessions).admit();
+    const fanout: Fanout<SessionStub | RelayStub> = this.relayCount > 0 ? this.relays : this.sessions;
+    if (fanout.waiting >= MAX_WAITING_POSTS) return fail(429, "rate_limited", "the guild is behind on its deliveries; try again shortly", 1);
+    await fanout.admit();
     // Again: a relay sync may have failed while this post waited.
     const readyAgain = this.readyToPublish();
     if (readyAgain) await readyAgain;

@@ -161,6 +161,38 @@ describe("sessions over real WebSockets in workerd", () => {
     }
   });
 
+  it("refuse posts past 1,000 waiting for admission with 429, and deliver every post they took", async () => {
+    const authors = Array.from({ length: 24 }, (_, i) => `crowd-${i}`);
+    for (const user of authors) await addMember("crowd", user);
+    const client = await TestClient.connect();
+    await client.identify("crowd-0");
+    const hold = await holdDeliveries("crowd-0 first");
+    try {
+      await post("crowd", "crowd-0", "crowd-0 first");
+      await eventually(() => hold.held() === 1, "the first delivery to be held");
+      // 1,080 posts (45 from each author: within everyone's rate) while the fanout is stuck: about
+      // 64 are admitted, 1,000 wait, and the rest are refused rather than held in memory too.
+      const settled: Response[] = [];
+      const all = authors.flatMap((as) =>
+        Array.from({ length: 45 }, (_, i) => api("POST", "/api/guilds/crowd/messages", as, { content: `${as} ${i}` }).then((r) => (settled.push(r), r))),
+      );
+      await eventually(async () => settled.some((r) => r.status === 429), "a refusal while posts wait", 20_000);
+      expect(hold.held()).toBe(1); // refused while the fanout was still stuck
+      const refused = settled.find((r) => r.status === 429)!;
+      expect(((await refused.json()) as { error: { code: string } }).error.code).toBe("rate_limited");
+      expect(Number(refused.headers.get("Retry-After"))).toBeGreaterThanOrEqual(1);
+      hold.release();
+      const answers = await Promise.all(all);
+      expect(answers.filter((r) => r.status !== 201 && r.status !== 429)).toEqual([]);
+      const accepted = 1 + answers.filter((r) => r.status === 201).length;
+      expect(accepted).toBeLessThanOrEqual(1 + 64 + 1000); // the first, at most twice the bound admitted, 1,000 waiting
+      await client.waitFor(() => client.messageSeqs().length === accepted, "every accepted post", 30_000);
+      expect(client.messageSeqs()).toEqual(Array.from({ length: accepted }, (_, i) => i + 1));
+    } finally {
+      hold.restore();
+    }
+  }, 60_000);
+
   it("fill a gap in a guild's seq by pulling the missing events, in order", async () => {
     await addMember("gap", "gap-user");
     const client = await TestClient.connect();

@@ -105,11 +105,6 @@ export class Fanout<Stub> {
     return this.outstanding === 0;
   }
 
-  /** `admit()` callers still waiting. */
-  get waiting(): number {
-    return this.admissions.length;
-  }
-
   /**
    * Resolves once the backlog is under `maxBacklog` events per recipient and every earlier
    * caller has been admitted; `undefined` when that is already so (nothing to await). The

@@ -78,6 +78,8 @@ export class Guild extends DurableObject<Env> {
   private guildId: string | null;
   private lastSeq: number;
   private readonly retention: number;
+  /** Posts accepted for checking but not yet stored: waiting to be ready to publish, or for admission. */
+  private waitingPosts = 0;
   /** Every live session subscribed here (mirrors the `subscriptions` table). */
   private readonly subscribers = new Map<string, Subscriber>();
   /** Direct delivery to sessions, while there are no relays. */
@@ -205,15 +207,21 @@ export class Guild extends DurableObject<Env> {
     // to be told they are not a member, or are posting too fast.
     const refused = this.refusePost(normalize(incoming).message);
     if (refused) return refused;
-    const ready = this.readyToPublish();
-    if (ready) await ready;
-    // A guild whose fanout has fallen behind makes posters wait rather than queue without bound.
-    const fanout: Fanout<SessionStub | RelayStub> = this.relayCount > 0 ? this.relays : this.sessions;
-    if (fanout.waiting >= MAX_WAITING_POSTS) return fail(429, "rate_limited", "the guild is behind on its deliveries; try again shortly", 1);
-    await fanout.admit();
-    // Again: a relay sync may have failed while this post waited.
-    const readyAgain = this.readyToPublish();
-    if (readyAgain) await readyAgain;
+    // Every post that waits holds its content, whatever it waits for (a removal's relays, a relay
+    // sync, a recovery, admission): bounded together.
+    if (this.waitingPosts >= MAX_WAITING_POSTS) return fail(429, "rate_limited", "the guild is behind on its deliveries; try again shortly", 1);
+    this.waitingPosts++;
+    try {
+      const ready = this.readyToPublish();
+      if (ready) await ready;
+      // A guild whose fanout has fallen behind makes posters wait rather than queue without bound.
+      await (this.relayCount > 0 ? this.relays : this.sessions).admit();
+      // Again: a relay sync may have failed while this post waited.
+      const readyAgain = this.readyToPublish();
+      if (readyAgain) await readyAgain;
+    } finally {
+      this.waitingPosts--;
+    }
     let naiveSends: Promise<void> | undefined;
     try {
       const result = await handle(
@@ -542,6 +550,11 @@ export class Guild extends DurableObject<Env> {
     this.sql.exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('relay_count', '0')");
     this.addRelayRecipients();
     for (const [sessionId, { userId, target }] of this.subscribers) this.sessions.add(sessionId, userId, target, [...backlog]);
+    // What the relays hand back lives only in their answers until it is queued here, and what a
+    // restarted relay had not handed over (its own recovery would send it to no one now) nowhere
+    // but the log: owe the newest events again, kept across a restart of this object too, so they
+    // are resent to the sessions directly; sessions drop repeats and pull anything older they lack.
+    this.checkpoint.resendRecent();
     this.syncing++;
     try {
       const released = await Promise.all(
@@ -564,6 +577,14 @@ export class Guild extends DurableObject<Env> {
       this.checkpoint.resendRecent();
     } finally {
       this.syncing--;
+      if (this.relayCount > 0) {
+        // Sessions came back over the threshold while the releases travelled, and relays were
+        // taken on again: a release that reached a relay after its new assignment emptied it, and
+        // the backlogs handed back had no session here to go to. Sync the relays again before the
+        // next event (or from the alarm), then resend the newest events.
+        this.relaysSynced = false;
+        this.checkpoint.resendRecent();
+      }
     }
   }
 

@@ -1,7 +1,7 @@
 import { SELF, env, evictDurableObject, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
-import { TestClient, addMember, eventually, holdDeliveries, patchMethod, post, token } from "./gateway-client.ts";
+import { TestClient, addMember, api, eventually, holdDeliveries, patchMethod, post, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
 
 const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
@@ -518,4 +518,180 @@ describe("relays that fail or are slow", () => {
     await scheduler.wait(100);
     expect(kept!.messageSeqs()).toEqual([1, 2, 3, 4, 5, 6]);
   });
+});
+
+describe("relay release racing relays being taken on again", () => {
+  it("sessions that arrive while the relays are being released (and take the guild back over the threshold) still get every message", async () => {
+    const guildId = "release-regrow";
+    const clients: TestClient[] = [];
+    for (let i = 0; i < 10; i++) clients.push(await join(guildId, `rg-${i}`));
+    const peak = (await guildStub(guildId).fanoutState()).relays;
+    expect(peak).toBe(6);
+
+    // The relays are slow to answer the release (busy, or one far away): hold the release's
+    // `assign(guild, [], [], true)` on each of the `peak` relays until the gate opens.
+    let releases = 0;
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    const restore = await patchMethod(relayStub(guildId, 0), "assign", async (_self, original, args) => {
+      const [, add, remove, replace] = args as [string, unknown[], string[], boolean];
+      if (replace === true && add.length === 0 && remove.length === 0 && releases < peak) {
+        releases++;
+        await gate;
+      }
+      return original(...args);
+    });
+    let newcomers: TestClient[] = [];
+    try {
+      const [kept, ...leaving] = clients;
+      for (const client of leaving) client.ws.close(1000, "bye");
+      await eventually(() => releases === peak, "the guild releasing its relays");
+      // Meanwhile a crowd arrives: 1 + 3 = 4 sessions, back at the threshold, so relays are used again.
+      for (let i = 10; i < 13; i++) newcomers.push(await join(guildId, `rg-${i}`));
+      expect((await guildStub(guildId).fanoutState())).toEqual({ sessions: 4, relays: 3 });
+      newcomers = [kept!, ...newcomers];
+    } finally {
+      open(); // the release's assignments now reach the relays
+      restore();
+    }
+    await scheduler.wait(200);
+    await post(guildId, "rg-0", "after the crowd arrived");
+    // Without a fix the late releases emptied the relays just assigned: they serve no one, and
+    // every session of the guild stays silent (no gap shows, since nothing arrives at all).
+    for (const client of newcomers) {
+      await client.waitFor(() => client.messageSeqs().length >= 1, "the message", 3000);
+      expect(client.messageSeqs()).toEqual([1]);
+    }
+    const served = await Promise.all([0, 1, 2].map((i) => relayStub(guildId, i).sessionCount()));
+    expect(served.reduce((a, b) => a + b, 0)).toBe(4);
+  });
+});
+
+describe("relays released across restarts", () => {
+  it("a guild restarted while it releases its relays still gets the events they handed back to the session left, with no later message", async () => {
+    const guildId = "release-restart";
+    const clients: TestClient[] = [];
+    for (let i = 0; i < 10; i++) clients.push(await join(guildId, `rs-${i}`));
+    const peak = (await guildStub(guildId).fanoutState()).relays;
+    expect(peak).toBe(6);
+    // Every session's delivery of m1 is held, so the relays keep m2 queued for them.
+    const hold = await holdDeliveries("m1");
+    let released = 0;
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    let restoreAssign: (() => void) | undefined;
+    try {
+      await post(guildId, "rs-0", "m1");
+      await eventually(() => hold.held() === clients.length, "m1 in flight to every session");
+      await post(guildId, "rs-0", "m2");
+      await eventually(async () => (await Promise.all(range(peak).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 2), "the relays taking m2");
+      // The relays let their sessions go (handing back m2), and then the guild restarts (a deploy,
+      // a crash) before their answers reach it.
+      restoreAssign = await patchMethod(relayStub(guildId, 0), "assign", async (_self, original, args) => {
+        const [, add, remove, replace] = args as [string, unknown[], string[], boolean];
+        const result = await original(...args);
+        if (replace === true && add.length === 0 && remove.length === 0) {
+          released++;
+          await gate;
+        }
+        return result;
+      });
+      const [, ...leaving] = clients;
+      for (const client of leaving) client.ws.close(1000, "bye");
+      await eventually(() => released === peak, "every relay releasing its sessions");
+      await runInDurableObject(guildStub(guildId), (_guild, state) => state.abort("restart")).then(
+        () => expect.fail("abort returns"),
+        (error: unknown) => expect(String(error)).toContain("restart"),
+      );
+    } finally {
+      open();
+      restoreAssign?.();
+      hold.release();
+      hold.restore();
+    }
+    const kept = clients[0]!;
+    await kept.waitFor(() => kept.messageSeqs().length >= 1, "m1");
+    // Nothing else is posted: the restarted guild's alarm (and the relays') must make up for it.
+    await runDurableObjectAlarm(guildStub(guildId));
+    for (const i of range(peak)) await runDurableObjectAlarm(relayStub(guildId, i));
+    await kept.waitFor(() => kept.messageSeqs().length >= 2, "m2", 3000);
+    expect(kept.messageSeqs()).toEqual([1, 2]);
+  });
+
+  it("relays restarted just before they are released: the session left still gets what they had not handed over, with no later message", async () => {
+    const guildId = "release-relay-restart";
+    const clients: TestClient[] = [];
+    for (let i = 0; i < 10; i++) clients.push(await join(guildId, `rx-${i}`));
+    const peak = (await guildStub(guildId).fanoutState()).relays;
+    expect(peak).toBe(6);
+    const hold = await holdDeliveries("m1");
+    try {
+      await post(guildId, "rx-0", "m1");
+      await eventually(() => hold.held() === clients.length, "m1 in flight to every session");
+      await post(guildId, "rx-0", "m2");
+      await eventually(async () => (await Promise.all(range(peak).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 2), "the relays taking m2");
+      // The relays restart (a deploy, a crash) with m2 not handed over: each owes it from its
+      // checkpoint, to be resent from its alarm. Before that alarm, sessions leave and the guild
+      // releases its relays, which now have nothing queued to hand back.
+      for (const i of range(peak)) {
+        await runInDurableObject(relayStub(guildId, i), (_relay, state) => state.abort("restart")).catch(() => undefined);
+      }
+      const [, ...leaving] = clients;
+      for (const client of leaving) client.ws.close(1000, "bye");
+      await eventually(async () => (await guildStub(guildId).fanoutState()).relays === 0, "the relays released");
+    } finally {
+      hold.release();
+      hold.restore();
+    }
+    const kept = clients[0]!;
+    await kept.waitFor(() => kept.messageSeqs().length >= 1, "m1");
+    for (const i of range(peak)) await runDurableObjectAlarm(relayStub(guildId, i)); // resend to no one
+    await runDurableObjectAlarm(guildStub(guildId));
+    await kept.waitFor(() => kept.messageSeqs().length >= 2, "m2", 3000);
+    expect(kept.messageSeqs()).toEqual([1, 2]);
+  });
+});
+
+describe("posts waiting in a guild are bounded wherever they wait", () => {
+  it("posts held back behind a removal whose relay does not answer are refused past 1,000, as posts waiting for admission are", async () => {
+    const guildId = "waiting-behind-removal";
+    const authors = Array.from({ length: 24 }, (_, i) => `wr-${i}`);
+    for (const user of [...authors, "wr-gone"]) await addMember(guildId, user);
+    const clients: TestClient[] = [];
+    for (const user of ["wr-0", "wr-1", "wr-2", "wr-gone"]) {
+      const client = await TestClient.connect();
+      await client.identify(user);
+      clients.push(client);
+    }
+    expect((await guildStub(guildId).fanoutState()).relays).toBeGreaterThan(0);
+    const goneId = (clients[3]!.dispatches("READY")[0]!.d as { session_id: string }).session_id;
+    // The relay serving the removed member's session is stuck: it does not answer the removal.
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    let stuck = 0;
+    const restore = await patchMethod(relayStub(guildId, 0), "assign", async (_self, original, args) => {
+      if ((args[2] as string[]).includes(goneId)) {
+        stuck++;
+        await gate;
+      }
+      return original(...args);
+    });
+    const settled: Response[] = [];
+    let all: Promise<Response>[] = [];
+    try {
+      const removal = api("DELETE", `/api/guilds/${guildId}/members/wr-gone`, "admin");
+      await eventually(() => stuck === 1, "the removal waiting for its relay");
+      // 1,080 posts (45 from each of 24 authors: within everyone's rate) while publishing is held back.
+      all = authors.flatMap((as) =>
+        Array.from({ length: 45 }, (_, i) => api("POST", `/api/guilds/${guildId}/messages`, as, { content: `${as} ${i}` }).then((r) => (settled.push(r), r))),
+      );
+      await eventually(() => settled.some((r) => r.status === 429), "a refusal once 1,000 posts wait", 20_000);
+      open();
+      expect((await removal).status).toBe(204);
+    } finally {
+      open();
+      restore();
+      await Promise.all(all);
+    }
+  }, 60_000);
 });

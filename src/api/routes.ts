@@ -113,8 +113,13 @@ async function route(request: Request, env: Env): Promise<Response> {
         const body = await readJsonObject(request);
         const content = body.content;
         if (!isValidContent(content)) throw new HttpError(400, "invalid_content", CONTENT_RULE);
+        const idempotencyKey = request.headers.get("Idempotency-Key") ?? undefined;
+        if (idempotencyKey !== undefined && !isValidId(idempotencyKey)) {
+          throw new HttpError(400, "invalid_idempotency_key", "Idempotency-Key must be 1–64 characters of [A-Za-z0-9_-] (a UUID will do)");
+        }
         const mode = parseTransportMode(env.TRANSPORT_MODE);
-        const message = unwrap(await call(guild, "createMessage", { guildId, authorId: claims.sub, content }, { mode }));
+        const post = { guildId, authorId: claims.sub, content, ...(idempotencyKey === undefined ? {} : { idempotencyKey }) };
+        const message = unwrap(await call(guild, "createMessage", post, { mode }));
         return json(message, 201);
       }
       const after = integerParam(url, "after", 0, 0, Number.MAX_SAFE_INTEGER);

@@ -59,7 +59,7 @@ export interface DeliveryResult {
 
 /** Errors cross Durable Object boundaries as values, shaped for the HTTP API. */
 export interface GuildError {
-  status: 400 | 403 | 404 | 429;
+  status: 400 | 403 | 404 | 422 | 429;
   code: string;
   message: string;
   /** With 429: seconds until a retry can succeed. */

@@ -16,6 +16,8 @@ export interface CreateMessage {
   guildId: string;
   authorId: string;
   content: string;
+  /** The client's `Idempotency-Key`: a retry with the same key gets the message the first made. */
+  idempotencyKey?: string;
 }
 
 export const MAX_HISTORY_LIMIT = 100;
@@ -27,6 +29,10 @@ const MAX_PULL = 1000;
  */
 export function messageRetention(env: Pick<Env, "MESSAGE_RETENTION">): number {
   return positiveIntegerVar("MESSAGE_RETENTION", env.MESSAGE_RETENTION, 100_000);
+}
+/** Where a post with an idempotency key is found while on its way: keys are per author. */
+function idempotencyKeyOf({ authorId, idempotencyKey }: Pick<CreateMessage, "authorId" | "idempotencyKey">): string {
+  return `${authorId}\n${idempotencyKey}`;
 }
 /** Pruning runs once per this many messages (or per retention, if fewer): a range delete, not one per post. */
 const PRUNE_EVERY = 1000;
@@ -156,11 +162,18 @@ export class Guild extends DurableObject<Env> {
       CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
       CREATE TABLE IF NOT EXISTS members (user_id TEXT PRIMARY KEY, added_at INTEGER NOT NULL);
       CREATE TABLE IF NOT EXISTS messages (
-        seq INTEGER PRIMARY KEY, id TEXT NOT NULL, author_id TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL
+        seq INTEGER PRIMARY KEY, id TEXT NOT NULL, author_id TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL,
+        idempotency_key TEXT
       );
       CREATE TABLE IF NOT EXISTS subscriptions (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, target TEXT NOT NULL);
       CREATE TABLE IF NOT EXISTS departures (user_id TEXT PRIMARY KEY, up_to INTEGER NOT NULL, at INTEGER NOT NULL);
     `);
+    // Guilds made before idempotency keys get the column in place.
+    if (!this.sql.exec("SELECT * FROM messages LIMIT 0").columnNames.includes("idempotency_key")) {
+      this.sql.exec("ALTER TABLE messages ADD COLUMN idempotency_key TEXT");
+    }
+    // Only posts that carry a key are indexed: the rest pay nothing for it. Pruned with their messages.
+    this.sql.exec("CREATE UNIQUE INDEX IF NOT EXISTS messages_by_idempotency_key ON messages (author_id, idempotency_key) WHERE idempotency_key IS NOT NULL");
   }
 
   // ---- membership -------------------------------------------------------------------------
@@ -203,10 +216,42 @@ export class Guild extends DurableObject<Env> {
   // ---- messages ---------------------------------------------------------------------------
 
   async createMessage(incoming: Incoming<CreateMessage>): Promise<GuildResult<Message>> {
+    const post = normalize(incoming).message;
+    const repeated = this.repeatedPost(post);
+    if (repeated) return repeated;
     // Refused at once, not after waiting for admission: a busy guild keeps no one in its queue
     // to be told they are not a member, or are posting too fast.
-    const refused = this.refusePost(normalize(incoming).message);
+    const refused = this.refusePost(post);
     if (refused) return refused;
+    if (post.idempotencyKey === undefined) return this.publishPost(incoming);
+    const key = idempotencyKeyOf(post);
+    const underWay = this.publishPost(incoming).finally(() => this.postsUnderWay.delete(key));
+    this.postsUnderWay.set(key, { content: post.content, result: underWay });
+    return underWay;
+  }
+
+  /** Posts with an idempotency key not yet stored, so a retry that arrives meanwhile waits for the same result. */
+  private readonly postsUnderWay = new Map<string, { content: string; result: Promise<GuildResult<Message>> }>();
+
+  /**
+   * A retry of a post already made with the same idempotency key (stored, or still on its way):
+   * its message, without storing or fanning out another. The same key with other content is a
+   * client's mistake (422, as the IETF's Idempotency-Key draft has it). Null for anything else,
+   * including a retry from someone no longer a member (refused as any post of theirs would be).
+   */
+  private repeatedPost({ guildId, authorId, content, idempotencyKey }: CreateMessage): GuildResult<Message> | Promise<GuildResult<Message>> | null {
+    if (idempotencyKey === undefined || this.checkMember(guildId, authorId)) return null;
+    const reused = fail<Message>(422, "idempotency_key_reused", "this Idempotency-Key was used for a message with other content");
+    const underWay = this.postsUnderWay.get(idempotencyKeyOf({ authorId, idempotencyKey }));
+    if (underWay) return underWay.content === content ? underWay.result : reused;
+    const row = this.sql
+      .exec<MessageRow>("SELECT seq, id, author_id, content, timestamp FROM messages WHERE author_id = ? AND idempotency_key = ?", authorId, idempotencyKey)
+      .toArray()[0];
+    if (!row) return null;
+    return row.content === content ? ok(this.messageOf(row)) : reused;
+  }
+
+  private async publishPost(incoming: Incoming<CreateMessage>): Promise<GuildResult<Message>> {
     // Every post that waits holds its content, whatever it waits for (a removal's relays, a relay
     // sync, a recovery, admission): bounded together.
     if (this.waitingPosts >= MAX_WAITING_POSTS) return fail(429, "rate_limited", "the guild is behind on its deliveries; try again shortly", 1);
@@ -244,7 +289,7 @@ export class Guild extends DurableObject<Env> {
   }
 
   /** Numbers and stores a post: the next `seq`, owed to every subscriber from here on. */
-  private storeMessage({ guildId, authorId, content }: CreateMessage): GuildResult<Message> {
+  private storeMessage({ guildId, authorId, content, idempotencyKey }: CreateMessage): GuildResult<Message> {
     const denied = this.checkMember(guildId, authorId); // removed while waiting for admission?
     if (denied) return denied;
     const message: Message = {
@@ -256,12 +301,13 @@ export class Guild extends DurableObject<Env> {
       timestamp: new Date().toISOString(),
     };
     this.sql.exec(
-      "INSERT INTO messages (seq, id, author_id, content, timestamp) VALUES (?, ?, ?, ?, ?)",
+      "INSERT INTO messages (seq, id, author_id, content, timestamp, idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
       message.seq,
       message.id,
       message.author_id,
       message.content,
       message.timestamp,
+      idempotencyKey ?? null,
     );
     this.lastSeq = message.seq;
     if (message.seq % Math.min(PRUNE_EVERY, this.retention) === 0) this.prune();
@@ -644,14 +690,11 @@ export class Guild extends DurableObject<Env> {
     return this.sql
       .exec<MessageRow>("SELECT seq, id, author_id, content, timestamp FROM messages WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", after, upTo, limit)
       .toArray()
-      .map((row) => ({
-        id: row.id,
-        guild_id: this.guildId!,
-        author_id: row.author_id,
-        content: row.content,
-        seq: row.seq,
-        timestamp: row.timestamp,
-      }));
+      .map((row) => this.messageOf(row));
+  }
+
+  private messageOf(row: MessageRow): Message {
+    return { id: row.id, guild_id: this.guildId!, author_id: row.author_id, content: row.content, seq: row.seq, timestamp: row.timestamp };
   }
 
   /**

@@ -13,10 +13,10 @@ export async function token(userId: string, admin = false): Promise<string> {
   return signToken(env.AUTH_SECRET!, { sub: userId, role: admin ? "admin" : "user", exp: Math.floor(Date.now() / 1000) + 3600 });
 }
 
-export async function api(method: string, path: string, as: string, body?: unknown): Promise<Response> {
+export async function api(method: string, path: string, as: string, body?: unknown, headers: Record<string, string> = {}): Promise<Response> {
   return SELF.fetch(`http://gateway.test${path}`, {
     method,
-    headers: { Authorization: `Bearer ${await token(as, as === "admin")}` },
+    headers: { ...headers, Authorization: `Bearer ${await token(as, as === "admin")}` },
     ...(body === undefined ? {} : { body: JSON.stringify(body) }),
   });
 }

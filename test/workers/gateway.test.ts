@@ -193,6 +193,52 @@ describe("sessions over real WebSockets in workerd", () => {
     }
   }, 60_000);
 
+  it("take a retried post with the same Idempotency-Key once: the retry gets the first post's message, stored or still waiting", async () => {
+    for (const user of ["idem-a", "idem-b"]) await addMember("idem", user);
+    const client = await TestClient.connect();
+    await client.identify("idem-a");
+    const postWithKey = (as: string, content: string, key: string) => api("POST", "/api/guilds/idem/messages", as, { content }, { "Idempotency-Key": key });
+    const first = await postWithKey("idem-a", "hello", "key-1");
+    expect(first.status).toBe(201);
+    const message = (await first.json()) as { seq: number; id: string };
+    const retry = await postWithKey("idem-a", "hello", "key-1");
+    expect(retry.status).toBe(201);
+    expect(await retry.json()).toEqual(message);
+    // Keys are per author; the same key with other content is refused; a bad key is named.
+    expect(((await (await postWithKey("idem-b", "hello", "key-1")).json()) as { seq: number }).seq).toBe(message.seq + 1);
+    const reused = await postWithKey("idem-a", "something else", "key-1");
+    expect(reused.status).toBe(422);
+    expect(((await reused.json()) as { error: { code: string } }).error.code).toBe("idempotency_key_reused");
+    const bad = await postWithKey("idem-a", "hello", "not a key!");
+    expect(bad.status).toBe(400);
+    expect(((await bad.json()) as { error: { code: string } }).error.code).toBe("invalid_idempotency_key");
+
+    // A retry that arrives while the first post still waits for admission waits for the same answer.
+    const hold = await holdDeliveries("idem-a filler");
+    try {
+      await post("idem", "idem-a", "idem-a filler 0");
+      await eventually(() => hold.held() === 1, "a delivery held");
+      // Fill the backlog (twice FANOUT_MAX_BACKLOG for one session) so the next post waits.
+      const fillers = Array.from({ length: 40 }, (_, i) => api("POST", "/api/guilds/idem/messages", "idem-b", { content: `idem-a filler ${i + 1}` }));
+      await scheduler.wait(200);
+      const waiting = postWithKey("idem-a", "said once", "key-2");
+      await scheduler.wait(100);
+      const retried = postWithKey("idem-a", "said once", "key-2");
+      hold.release();
+      const [a, b] = await Promise.all([waiting, retried]);
+      await Promise.all(fillers);
+      expect([a.status, b.status]).toEqual([201, 201]);
+      expect(await b.json()).toEqual(await a.json());
+    } finally {
+      hold.restore();
+    }
+    const history = (await (await api("GET", "/api/guilds/idem/messages?after=0&limit=100", "idem-a")).json()) as { content: string }[];
+    expect(history.filter((m) => m.content === "hello")).toHaveLength(2); // idem-a's and idem-b's
+    expect(history.filter((m) => m.content === "said once")).toHaveLength(1);
+    await client.waitFor(() => client.messageSeqs().length === history.length, "every message once");
+    expect(client.messageSeqs()).toEqual(history.map((_, i) => i + 1));
+  });
+
   it("fill a gap in a guild's seq by pulling the missing events, in order", async () => {
     await addMember("gap", "gap-user");
     const client = await TestClient.connect();
@@ -543,6 +589,34 @@ describe("made-up guild ids", () => {
     await addMember("made-up-1", "mu-user");
     expect(await tables("made-up-1")).toEqual(expect.arrayContaining(["meta", "members", "messages", "subscriptions"]));
     expect((await api("POST", "/api/guilds/made-up-1/messages", "mu-user", { content: "now it exists" })).status).toBe(201);
+  });
+});
+
+describe("a guild made by an earlier version", () => {
+  it("gets the idempotency key column in place, keeps its messages, and takes keyed posts", async () => {
+    const guildId = "before-idempotency";
+    await addMember(guildId, "old-author");
+    await post(guildId, "old-author", "from before");
+    // Its messages table as the first release made it, with the message in it.
+    await runInDurableObject(guildStub(guildId), (_guild, state) => {
+      state.storage.sql.exec(`
+        DROP INDEX messages_by_idempotency_key;
+        CREATE TABLE old_messages (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, author_id TEXT NOT NULL, content TEXT NOT NULL, timestamp TEXT NOT NULL);
+        INSERT INTO old_messages SELECT seq, id, author_id, content, timestamp FROM messages;
+        DROP TABLE messages;
+        ALTER TABLE old_messages RENAME TO messages;
+      `);
+    });
+    await evictDurableObject(guildStub(guildId));
+    const keyed = () => api("POST", `/api/guilds/${guildId}/messages`, "old-author", { content: "after" }, { "Idempotency-Key": "k" });
+    const first = await keyed();
+    expect(first.status).toBe(201);
+    expect(await (await keyed()).json()).toEqual(await first.json());
+    const history = (await (await api("GET", `/api/guilds/${guildId}/messages?after=0`, "old-author")).json()) as { seq: number; content: string }[];
+    expect(history.map((m) => [m.seq, m.content])).toEqual([
+      [1, "from before"],
+      [2, "after"],
+    ]);
   });
 });
 

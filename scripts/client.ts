@@ -7,7 +7,10 @@
  * type to the current guild (`/guild NAME` switches). `--join` adds you to a guild first (with a
  * development admin token). If the connection drops, it reconnects (1 s, doubling up to 30 s) and
  * RESUMEs, or IDENTIFYs afresh once the session has expired; a refused token is renewed once.
+ * A post that fails on the way (a lost connection, a 5xx, a 429) is tried again up to twice with
+ * the same Idempotency-Key, so it is never stored twice.
  */
+import { randomUUID } from "node:crypto";
 import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
 import { CloseCode, Op } from "../src/gateway/protocol.ts";
@@ -170,10 +173,30 @@ createInterface({ input: process.stdin }).on("line", async (line) => {
     return void client.close(CloseCode.NORMAL); // ends the session; its close exits
   }
   if (!current) return console.log("* no guild to post to: start with --join GUILD");
-  const response = await fetch(`${base}/api/guilds/${current}/messages`, {
-    method: "POST",
-    headers: { Authorization: `Bearer ${token}` },
-    body: JSON.stringify({ content: text }),
-  });
-  if (!response.ok) console.log(`* not sent: ${response.status} ${await response.text()}`);
+  await postLine(current, text);
 });
+
+const POST_ATTEMPTS = 3;
+
+async function postLine(guild: string, content: string): Promise<void> {
+  const key = randomUUID();
+  for (let attempt = 1; ; attempt++) {
+    let failure: string;
+    let waitMs = 1000 * attempt;
+    try {
+      const response = await fetch(`${base}/api/guilds/${guild}/messages`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${token}`, "Idempotency-Key": key },
+        body: JSON.stringify({ content }),
+      });
+      if (response.ok) return;
+      failure = `${response.status} ${printable(await response.text())}`;
+      if (response.status !== 429 && response.status < 500) return console.log(`* not sent: ${failure}`);
+      waitMs = Math.max(waitMs, Number(response.headers.get("Retry-After") ?? 0) * 1000);
+    } catch (error) {
+      failure = (error as Error).message;
+    }
+    if (attempt === POST_ATTEMPTS) return console.log(`* not sent: ${failure}`);
+    await new Promise((resolve) => setTimeout(resolve, waitMs));
+  }
+}

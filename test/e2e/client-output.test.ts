@@ -1,7 +1,8 @@
 /**
  * The CLI client (scripts/client.ts) prints other people's messages on a terminal: what they
  * wrote must not reach it as control sequences, nor as extra lines that look like someone else's.
- * A stand-in gateway on a loopback port plays a guild member who tries both.
+ * A stand-in gateway on a loopback port plays a guild member who tries both; another loses the
+ * client's first post on the way.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { type Server, createServer } from "node:http";
@@ -60,5 +61,48 @@ describe("the CLI client", () => {
     expect(lines.filter((line) => /^\[lobby #\d+\] admin:/.test(line))).toEqual([]); // no forged lines
     // Nothing for the terminal to act on: no C0 (but tab), DEL, C1 or bidirectional controls.
     expect(output).not.toMatch(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/);
+  });
+
+  it("tries a post that failed on the way again with the same Idempotency-Key, and says nothing went wrong", async () => {
+    const posts: { key: string | undefined; body: string }[] = [];
+    const sockets = new WebSocketServer({ noServer: true });
+    server = createServer((request, response) => {
+      let body = "";
+      request.on("data", (chunk: Buffer) => (body += chunk.toString()));
+      request.on("end", () => {
+        if (!request.url!.endsWith("/messages")) return response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ token: "t" }));
+        posts.push({ key: request.headers["idempotency-key"] as string | undefined, body });
+        if (posts.length === 1) return request.socket.destroy(); // lost on the way: the client cannot tell whether it was stored
+        response.writeHead(201, { "content-type": "application/json" }).end("{}");
+      });
+    });
+    server.on("upgrade", (request, socket, head) =>
+      sockets.handleUpgrade(request, socket, head, (ws) => {
+        ws.send(JSON.stringify({ op: 10, d: { heartbeat_interval: 41250 } }));
+        ws.on("message", (data) => {
+          if ((JSON.parse(String(data)) as { op: number }).op !== 2) return;
+          ws.send(JSON.stringify({ op: 0, t: "READY", s: 1, d: { session_id: "s1", user_id: "bob", guilds: ["lobby"] } }));
+        });
+      }),
+    );
+    await new Promise<void>((resolve) => server!.listen(0, "127.0.0.1", resolve));
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+
+    child = spawn(process.execPath, [join(ROOT, "scripts/client.ts"), "--user", "bob", "--guild", "lobby", "--url", url], { cwd: ROOT });
+    let output = "";
+    child.stdout!.on("data", (chunk: Buffer) => (output += chunk.toString()));
+    child.stderr!.on("data", (chunk: Buffer) => (output += chunk.toString()));
+    const until = async (done: () => boolean) => {
+      const deadline = Date.now() + 20_000;
+      while (!done() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    };
+    await until(() => output.includes("* ready as bob"));
+    child.stdin!.write("hello\n");
+    await until(() => posts.length === 2);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(posts).toHaveLength(2);
+    expect(posts[0]!.key).toMatch(/^[0-9a-f-]{36}$/);
+    expect(posts[1]).toEqual(posts[0]);
+    expect(output).not.toContain("not sent");
   });
 });

@@ -5,7 +5,7 @@
  * client's first post on the way.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { type Server, createServer } from "node:http";
+import { type IncomingMessage, type Server, type ServerResponse, createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
@@ -26,33 +26,54 @@ afterEach(async () => {
   server = child = undefined;
 });
 
-describe("the CLI client", () => {
-  it("prints a member's message as one line of text: no escape sequences, no forged lines", async () => {
-    const sockets = new WebSocketServer({ noServer: true });
-    server = createServer((request, response) => {
-      request.resume();
+/**
+ * Starts a stand-in gateway and the CLI client (as bob, posting to lobby) against it. After
+ * READY the gateway sends `afterReady`'s frames; POSTs to `/messages` go to `onPost`, everything
+ * else (the development token) gets a token. Returns what the client prints, as it prints it.
+ */
+async function clientAgainstStandIn(
+  afterReady: object[],
+  onPost: (request: IncomingMessage, body: string, response: ServerResponse) => void = (_r, _b, response) => response.writeHead(201).end("{}"),
+): Promise<{ output: () => string; until: (done: () => boolean) => Promise<void> }> {
+  const sockets = new WebSocketServer({ noServer: true });
+  server = createServer((request, response) => {
+    let body = "";
+    request.on("data", (chunk: Buffer) => (body += chunk.toString()));
+    request.on("end", () => {
+      if (request.url!.endsWith("/messages")) return onPost(request, body, response);
       response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ token: "t" }));
     });
-    server.on("upgrade", (request, socket, head) =>
-      sockets.handleUpgrade(request, socket, head, (ws) => {
-        ws.send(JSON.stringify({ op: 10, d: { heartbeat_interval: 41250 } }));
-        ws.on("message", (data) => {
-          if ((JSON.parse(String(data)) as { op: number }).op !== 2) return;
-          ws.send(JSON.stringify({ op: 0, t: "READY", s: 1, d: { session_id: "s1", user_id: "bob", guilds: ["lobby"] } }));
-          const message = { id: "m1", guild_id: "lobby", author_id: "mallory", content: HOSTILE, seq: 1, timestamp: new Date().toISOString() };
-          ws.send(JSON.stringify({ op: 0, t: "MESSAGE_CREATE", s: 2, d: message }));
-        });
-      }),
-    );
-    await new Promise<void>((resolve) => server!.listen(0, "127.0.0.1", resolve));
-    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-
-    child = spawn(process.execPath, [join(ROOT, "scripts/client.ts"), "--user", "bob", "--guild", "lobby", "--url", url], { cwd: ROOT });
-    let output = "";
-    child.stdout!.on("data", (chunk: Buffer) => (output += chunk.toString()));
+  });
+  server.on("upgrade", (request, socket, head) =>
+    sockets.handleUpgrade(request, socket, head, (ws) => {
+      ws.send(JSON.stringify({ op: 10, d: { heartbeat_interval: 41250 } }));
+      ws.on("message", (data) => {
+        if ((JSON.parse(String(data)) as { op: number }).op !== 2) return;
+        ws.send(JSON.stringify({ op: 0, t: "READY", s: 1, d: { session_id: "s1", user_id: "bob", guilds: ["lobby"] } }));
+        for (const frame of afterReady) ws.send(JSON.stringify(frame));
+      });
+    }),
+  );
+  await new Promise<void>((resolve) => server!.listen(0, "127.0.0.1", resolve));
+  const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  child = spawn(process.execPath, [join(ROOT, "scripts/client.ts"), "--user", "bob", "--guild", "lobby", "--url", url], { cwd: ROOT });
+  let output = "";
+  child.stdout!.on("data", (chunk: Buffer) => (output += chunk.toString()));
+  child.stderr!.on("data", (chunk: Buffer) => (output += chunk.toString()));
+  const until = async (done: () => boolean) => {
     const deadline = Date.now() + 20_000;
-    while (!output.includes("mallory") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    while (!done() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  };
+  return { output: () => output, until };
+}
+
+describe("the CLI client", () => {
+  it("prints a member's message as one line of text: no escape sequences, no forged lines", async () => {
+    const message = { id: "m1", guild_id: "lobby", author_id: "mallory", content: HOSTILE, seq: 1, timestamp: new Date().toISOString() };
+    const client = await clientAgainstStandIn([{ op: 0, t: "MESSAGE_CREATE", s: 2, d: message }]);
+    await client.until(() => client.output().includes("mallory"));
     await new Promise((r) => setTimeout(r, 200)); // the rest of the line
+    const output = client.output();
     expect(output).toContain("mallory");
 
     const lines = output.split("\n").filter((line) => line !== "");
@@ -65,44 +86,18 @@ describe("the CLI client", () => {
 
   it("tries a post that failed on the way again with the same Idempotency-Key, and says nothing went wrong", async () => {
     const posts: { key: string | undefined; body: string }[] = [];
-    const sockets = new WebSocketServer({ noServer: true });
-    server = createServer((request, response) => {
-      let body = "";
-      request.on("data", (chunk: Buffer) => (body += chunk.toString()));
-      request.on("end", () => {
-        if (!request.url!.endsWith("/messages")) return response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ token: "t" }));
-        posts.push({ key: request.headers["idempotency-key"] as string | undefined, body });
-        if (posts.length === 1) return request.socket.destroy(); // lost on the way: the client cannot tell whether it was stored
-        response.writeHead(201, { "content-type": "application/json" }).end("{}");
-      });
+    const client = await clientAgainstStandIn([], (request, body, response) => {
+      posts.push({ key: request.headers["idempotency-key"] as string | undefined, body });
+      if (posts.length === 1) return request.socket.destroy(); // lost on the way: the client cannot tell whether it was stored
+      response.writeHead(201, { "content-type": "application/json" }).end("{}");
     });
-    server.on("upgrade", (request, socket, head) =>
-      sockets.handleUpgrade(request, socket, head, (ws) => {
-        ws.send(JSON.stringify({ op: 10, d: { heartbeat_interval: 41250 } }));
-        ws.on("message", (data) => {
-          if ((JSON.parse(String(data)) as { op: number }).op !== 2) return;
-          ws.send(JSON.stringify({ op: 0, t: "READY", s: 1, d: { session_id: "s1", user_id: "bob", guilds: ["lobby"] } }));
-        });
-      }),
-    );
-    await new Promise<void>((resolve) => server!.listen(0, "127.0.0.1", resolve));
-    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-
-    child = spawn(process.execPath, [join(ROOT, "scripts/client.ts"), "--user", "bob", "--guild", "lobby", "--url", url], { cwd: ROOT });
-    let output = "";
-    child.stdout!.on("data", (chunk: Buffer) => (output += chunk.toString()));
-    child.stderr!.on("data", (chunk: Buffer) => (output += chunk.toString()));
-    const until = async (done: () => boolean) => {
-      const deadline = Date.now() + 20_000;
-      while (!done() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-    };
-    await until(() => output.includes("* ready as bob"));
-    child.stdin!.write("hello\n");
-    await until(() => posts.length === 2);
+    await client.until(() => client.output().includes("* ready as bob"));
+    child!.stdin!.write("hello\n");
+    await client.until(() => posts.length === 2);
     await new Promise((r) => setTimeout(r, 300));
     expect(posts).toHaveLength(2);
     expect(posts[0]!.key).toMatch(/^[0-9a-f-]{36}$/);
     expect(posts[1]).toEqual(posts[0]);
-    expect(output).not.toContain("not sent");
+    expect(client.output()).not.toContain("not sent");
   });
 });

@@ -568,23 +568,45 @@ describe("relay release racing relays being taken on again", () => {
 });
 
 describe("relays released across restarts", () => {
+  const PEAK = 6; // relays for 10 sessions here
+
+  /**
+   * 10 sessions on 6 relays, every session's delivery of m1 held, so each relay has taken m2 and
+   * keeps it queued. Returns the hold, to be released by the caller.
+   */
+  async function m2QueuedOnRelays(guildId: string, prefix: string) {
+    const clients = await joinMany(guildId, prefix, 10);
+    expect((await guildStub(guildId).fanoutState()).relays).toBe(PEAK);
+    const hold = await holdDeliveries("m1");
+    try {
+      await post(guildId, `${prefix}-0`, "m1");
+      await eventually(() => hold.held() === clients.length, "m1 in flight to every session");
+      await post(guildId, `${prefix}-0`, "m2");
+      await eventually(async () => (await Promise.all(range(PEAK).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 2), "the relays taking m2");
+    } catch (error) {
+      hold.restore();
+      throw error;
+    }
+    return { kept: clients[0]!, leaving: clients.slice(1), hold };
+  }
+
+  /** With nothing else posted, the objects' alarms (the guild's and the relays') must bring the session left m2. */
+  async function expectBothMessagesAfterAlarms(guildId: string, kept: TestClient): Promise<void> {
+    await kept.waitFor(() => kept.messageSeqs().length >= 1, "m1");
+    await runDurableObjectAlarm(guildStub(guildId));
+    for (const i of range(PEAK)) await runDurableObjectAlarm(relayStub(guildId, i));
+    await kept.waitFor(() => kept.messageSeqs().length >= 2, "m2", 3000);
+    expect(kept.messageSeqs()).toEqual([1, 2]);
+  }
+
   it("a guild restarted while it releases its relays still gets the events they handed back to the session left, with no later message", async () => {
     const guildId = "release-restart";
-    const clients: TestClient[] = [];
-    for (let i = 0; i < 10; i++) clients.push(await join(guildId, `rs-${i}`));
-    const peak = (await guildStub(guildId).fanoutState()).relays;
-    expect(peak).toBe(6);
-    // Every session's delivery of m1 is held, so the relays keep m2 queued for them.
-    const hold = await holdDeliveries("m1");
+    const { kept, leaving, hold } = await m2QueuedOnRelays(guildId, "rs");
     let released = 0;
     let open!: () => void;
     const gate = new Promise<void>((resolve) => (open = resolve));
     let restoreAssign: (() => void) | undefined;
     try {
-      await post(guildId, "rs-0", "m1");
-      await eventually(() => hold.held() === clients.length, "m1 in flight to every session");
-      await post(guildId, "rs-0", "m2");
-      await eventually(async () => (await Promise.all(range(peak).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 2), "the relays taking m2");
       // The relays let their sessions go (handing back m2), and then the guild restarts (a deploy,
       // a crash) before their answers reach it.
       restoreAssign = await patchMethod(relayStub(guildId, 0), "assign", async (_self, original, args) => {
@@ -596,9 +618,8 @@ describe("relays released across restarts", () => {
         }
         return result;
       });
-      const [, ...leaving] = clients;
       for (const client of leaving) client.ws.close(1000, "bye");
-      await eventually(() => released === peak, "every relay releasing its sessions");
+      await eventually(() => released === PEAK, "every relay releasing its sessions");
       await runInDurableObject(guildStub(guildId), (_guild, state) => state.abort("restart")).then(
         () => expect.fail("abort returns"),
         (error: unknown) => expect(String(error)).toContain("restart"),
@@ -609,46 +630,26 @@ describe("relays released across restarts", () => {
       hold.release();
       hold.restore();
     }
-    const kept = clients[0]!;
-    await kept.waitFor(() => kept.messageSeqs().length >= 1, "m1");
-    // Nothing else is posted: the restarted guild's alarm (and the relays') must make up for it.
-    await runDurableObjectAlarm(guildStub(guildId));
-    for (const i of range(peak)) await runDurableObjectAlarm(relayStub(guildId, i));
-    await kept.waitFor(() => kept.messageSeqs().length >= 2, "m2", 3000);
-    expect(kept.messageSeqs()).toEqual([1, 2]);
+    await expectBothMessagesAfterAlarms(guildId, kept);
   });
 
   it("relays restarted just before they are released: the session left still gets what they had not handed over, with no later message", async () => {
     const guildId = "release-relay-restart";
-    const clients: TestClient[] = [];
-    for (let i = 0; i < 10; i++) clients.push(await join(guildId, `rx-${i}`));
-    const peak = (await guildStub(guildId).fanoutState()).relays;
-    expect(peak).toBe(6);
-    const hold = await holdDeliveries("m1");
+    const { kept, leaving, hold } = await m2QueuedOnRelays(guildId, "rx");
     try {
-      await post(guildId, "rx-0", "m1");
-      await eventually(() => hold.held() === clients.length, "m1 in flight to every session");
-      await post(guildId, "rx-0", "m2");
-      await eventually(async () => (await Promise.all(range(peak).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 2), "the relays taking m2");
       // The relays restart (a deploy, a crash) with m2 not handed over: each owes it from its
       // checkpoint, to be resent from its alarm. Before that alarm, sessions leave and the guild
       // releases its relays, which now have nothing queued to hand back.
-      for (const i of range(peak)) {
+      for (const i of range(PEAK)) {
         await runInDurableObject(relayStub(guildId, i), (_relay, state) => state.abort("restart")).catch(() => undefined);
       }
-      const [, ...leaving] = clients;
       for (const client of leaving) client.ws.close(1000, "bye");
       await eventually(async () => (await guildStub(guildId).fanoutState()).relays === 0, "the relays released");
     } finally {
       hold.release();
       hold.restore();
     }
-    const kept = clients[0]!;
-    await kept.waitFor(() => kept.messageSeqs().length >= 1, "m1");
-    for (const i of range(peak)) await runDurableObjectAlarm(relayStub(guildId, i)); // resend to no one
-    await runDurableObjectAlarm(guildStub(guildId));
-    await kept.waitFor(() => kept.messageSeqs().length >= 2, "m2", 3000);
-    expect(kept.messageSeqs()).toEqual([1, 2]);
+    await expectBothMessagesAfterAlarms(guildId, kept); // the relays' alarms resend to no one
   });
 });
 

@@ -251,10 +251,8 @@ export class Guild extends DurableObject<Env> {
     return row.content === content ? ok(this.messageOf(row)) : reused;
   }
 
+  /** Waits until the post may go out (counted in `waitingPosts` meanwhile), then stores and fans it out. */
   private async publishPost(incoming: Incoming<CreateMessage>): Promise<GuildResult<Message>> {
-    // Every post that waits holds its content, whatever it waits for (a removal's relays, a relay
-    // sync, a recovery, admission): bounded together.
-    if (this.waitingPosts >= MAX_WAITING_POSTS) return fail(429, "rate_limited", "the guild is behind on its deliveries; try again shortly", 1);
     this.waitingPosts++;
     try {
       const ready = this.readyToPublish();
@@ -663,6 +661,9 @@ export class Guild extends DurableObject<Env> {
     const denied = this.checkMember(guildId, authorId);
     if (denied) return denied;
     if (!isValidContent(content)) return fail(400, "invalid_content", CONTENT_RULE);
+    // Every post that waits holds its content, whatever it waits for (a removal's relays, a relay
+    // sync, a recovery, admission): bounded together, before the author's rate is charged.
+    if (this.waitingPosts >= MAX_WAITING_POSTS) return fail(429, "rate_limited", "the guild is behind on its deliveries; try again shortly", 1);
     const wait = this.takeToken(authorId);
     return wait > 0 ? fail(429, "rate_limited", "too many messages; slow down", Math.ceil(wait)) : null;
   }

@@ -30,10 +30,6 @@ const MAX_PULL = 1000;
 export function messageRetention(env: Pick<Env, "MESSAGE_RETENTION">): number {
   return positiveIntegerVar("MESSAGE_RETENTION", env.MESSAGE_RETENTION, 100_000);
 }
-/** Where a post with an idempotency key is found while on its way: keys are per author. */
-function idempotencyKeyOf({ authorId, idempotencyKey }: Pick<CreateMessage, "authorId" | "idempotencyKey">): string {
-  return `${authorId}\n${idempotencyKey}`;
-}
 /** Pruning runs once per this many messages (or per retention, if fewer): a range delete, not one per post. */
 const PRUNE_EVERY = 1000;
 /** Most messages one prune deletes, so a log far over retention (a lowered setting) is worked off over several. */
@@ -41,11 +37,16 @@ const PRUNE_AT_MOST = 10_000;
 /** How long a removed member's sessions may still pull what was posted before the removal. */
 const DEPARTURE_KEPT_MS = 5 * 60_000;
 /**
- * Posts that may wait for admission at once. Beyond it a post is refused (429) rather than held:
- * each holds its content in memory, and a fanout stuck behind a relay that is down would
- * otherwise gather them until the object runs out of memory.
+ * Posts that may wait to be published at once (for admission, or behind a removal, relay sync or
+ * recovery). Beyond it a post is refused (429) rather than held: each holds its content in
+ * memory, and a fanout stuck behind a relay that is down would otherwise gather them until the
+ * object runs out of memory.
  */
 const MAX_WAITING_POSTS = 1000;
+/** Where a post with an idempotency key is found while on its way: keys are per author. */
+function idempotencyKeyOf({ authorId, idempotencyKey }: Pick<CreateMessage, "authorId" | "idempotencyKey">): string {
+  return `${authorId}\n${idempotencyKey}`;
+}
 /** Messages one author may post per second, and the burst allowed on top. */
 const AUTHOR_RATE_PER_SECOND = 10;
 const AUTHOR_BURST = 50;
@@ -84,7 +85,7 @@ export class Guild extends DurableObject<Env> {
   private guildId: string | null;
   private lastSeq: number;
   private readonly retention: number;
-  /** Posts accepted for checking but not yet stored: waiting to be ready to publish, or for admission. */
+  /** Posts past the checks but not yet stored: waiting to be ready to publish, or for admission. */
   private waitingPosts = 0;
   /** Every live session subscribed here (mirrors the `subscriptions` table). */
   private readonly subscribers = new Map<string, Subscriber>();
@@ -616,9 +617,8 @@ export class Guild extends DurableObject<Env> {
         if (seqs) this.checkpoint.accept(seqs.first, seqs.last);
       }
     } catch (error) {
-      // A relay that could not be told may have dropped what it was sending: owe the newest events again.
-      console.error(`guild ${this.guildId}: a relay could not let its sessions go; resending recent events:`, error);
-      this.checkpoint.resendRecent();
+      // What it was sending is owed again already (above); it gets no more events from here.
+      console.error(`guild ${this.guildId}: a relay could not let its sessions go; recent events are resent directly:`, error);
     } finally {
       this.syncing--;
       if (this.relayCount > 0) {

@@ -64,6 +64,12 @@ let lastSeq = 0;
 let retryMs = RETRY_MIN_MS;
 /** A new token was fetched after a 4004 and no session has started since: another 4004 is final. */
 let tokenRenewed = false;
+/**
+ * Resolves at the first READY. A line typed before it waits: posted earlier, its message would
+ * reach the others but not this session, which subscribes only as it identifies.
+ */
+let markReady!: () => void;
+const firstReady = new Promise<void>((resolve) => (markReady = resolve));
 
 function handshake(gateway: GatewayClient): void {
   if (sessionId) gateway.send({ op: Op.RESUME, d: { token, session_id: sessionId, seq: lastSeq } });
@@ -99,6 +105,7 @@ function handle(gateway: GatewayClient): void {
         sessionStarted();
         sessionId = d.session_id as string;
         current ??= (d.guilds as string[])[0];
+        markReady();
         console.log(`* ready as ${user} in ${(d.guilds as string[]).join(", ") || "no guilds yet"}; typing goes to ${current ?? "(none)"}`);
         break;
       case "MESSAGE_CREATE":
@@ -172,6 +179,7 @@ createInterface({ input: process.stdin }).on("line", async (line) => {
     if (!client || client.closed) process.exit(0); // between connections
     return void client.close(CloseCode.NORMAL); // ends the session; its close exits
   }
+  await firstReady;
   if (!current) return console.log("* no guild to post to: start with --join GUILD");
   await postLine(current, text);
 });

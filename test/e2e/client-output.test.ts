@@ -34,6 +34,8 @@ afterEach(async () => {
 async function clientAgainstStandIn(
   afterReady: object[],
   onPost: (request: IncomingMessage, body: string, response: ServerResponse) => void = (_r, _b, response) => response.writeHead(201).end("{}"),
+  /** Called at IDENTIFY; READY waits for what it returns. */
+  onIdentify: () => Promise<void> = () => Promise.resolve(),
 ): Promise<{ output: () => string; until: (done: () => boolean) => Promise<void> }> {
   const sockets = new WebSocketServer({ noServer: true });
   server = createServer((request, response) => {
@@ -47,8 +49,9 @@ async function clientAgainstStandIn(
   server.on("upgrade", (request, socket, head) =>
     sockets.handleUpgrade(request, socket, head, (ws) => {
       ws.send(JSON.stringify({ op: 10, d: { heartbeat_interval: 41250 } }));
-      ws.on("message", (data) => {
+      ws.on("message", async (data) => {
         if ((JSON.parse(String(data)) as { op: number }).op !== 2) return;
+        await onIdentify();
         ws.send(JSON.stringify({ op: 0, t: "READY", s: 1, d: { session_id: "s1", user_id: "bob", guilds: ["lobby"] } }));
         for (const frame of afterReady) ws.send(JSON.stringify(frame));
       });
@@ -98,6 +101,36 @@ describe("the CLI client", () => {
     expect(posts).toHaveLength(2);
     expect(posts[0]!.key).toMatch(/^[0-9a-f-]{36}$/);
     expect(posts[1]).toEqual(posts[0]);
+    expect(client.output()).not.toContain("not sent");
+  });
+
+  it("holds a line typed before READY until the session is ready, so its author sees it too", async () => {
+    const posted: number[] = [];
+    let readyAt = 0;
+    let identified = false;
+    let sendReady!: () => void;
+    const ready = new Promise<void>((resolve) => (sendReady = resolve));
+    const client = await clientAgainstStandIn(
+      [],
+      (_request, _body, response) => {
+        posted.push(Date.now());
+        response.writeHead(201, { "content-type": "application/json" }).end("{}");
+      },
+      () => {
+        identified = true;
+        return ready.then(() => void (readyAt = Date.now()));
+      },
+    );
+    child!.stdin!.write("typed early\n");
+    await client.until(() => identified);
+    await new Promise((r) => setTimeout(r, 500)); // time enough for a post to arrive
+    expect(identified).toBe(true);
+    expect(posted).toEqual([]);
+    sendReady();
+    await client.until(() => posted.length === 1);
+    expect(posted).toHaveLength(1);
+    expect(posted[0]).toBeGreaterThanOrEqual(readyAt);
+    expect(client.output()).toContain("* ready as bob");
     expect(client.output()).not.toContain("not sent");
   });
 });

@@ -186,6 +186,7 @@ describe("sessions over real WebSockets in workerd", () => {
       expect(answers.filter((r) => r.status !== 201 && r.status !== 429)).toEqual([]);
       const accepted = 1 + answers.filter((r) => r.status === 201).length;
       expect(accepted).toBeLessThanOrEqual(1 + 64 + 1000); // the first, at most twice the bound admitted, 1,000 waiting
+      expect(accepted).toBeGreaterThanOrEqual(1 + 1000); // and no fewer than 1,000 may wait
       await client.waitFor(() => client.messageSeqs().length === accepted, "every accepted post", 30_000);
       expect(client.messageSeqs()).toEqual(Array.from({ length: accepted }, (_, i) => i + 1));
     } finally {

@@ -687,6 +687,9 @@ describe("posts waiting in a guild are bounded wherever they wait", () => {
         Array.from({ length: 45 }, (_, i) => api("POST", `/api/guilds/${guildId}/messages`, as, { content: `${as} ${i}` }).then((r) => (settled.push(r), r))),
       );
       await eventually(() => settled.some((r) => r.status === 429), "a refusal once 1,000 posts wait", 20_000);
+      const refused = settled.find((r) => r.status === 429)!;
+      expect(((await refused.json()) as { error: { code: string } }).error.code).toBe("rate_limited");
+      expect(Number(refused.headers.get("Retry-After"))).toBeGreaterThanOrEqual(1);
       open();
       expect((await removal).status).toBe(204);
     } finally {
@@ -694,5 +697,15 @@ describe("posts waiting in a guild are bounded wherever they wait", () => {
       restore();
       await Promise.all(all);
     }
+    const answers = await Promise.all(all);
+    expect(answers.filter((r) => r.status !== 201 && r.status !== 429)).toEqual([]);
+    const accepted = answers.filter((r) => r.status === 201).length;
+    expect(accepted).toBeGreaterThanOrEqual(1000); // no fewer than 1,000 may wait
+    // Every post taken reaches the members, in order.
+    const member = clients[0]!;
+    await member.waitFor(() => member.messageSeqs(guildId).length === accepted, "every accepted post", 30_000);
+    const received = member.messageSeqs(guildId);
+    expect(received).toEqual([...received].sort((a, b) => a - b));
+    expect(new Set(received).size).toBe(accepted);
   }, 60_000);
 });

@@ -59,11 +59,15 @@ describe("sessions over real WebSockets in workerd", () => {
     // Hibernated, then the alarm comes at the stored deadline: the socket's later one holds, and the alarm moves to it.
     await evictDurableObject(sessionStub(sessionId), { webSockets: "hibernate" });
     await runInDurableObject(sessionStub(sessionId), async (session: Session, state) => {
-      (session as unknown as { state: { heartbeatDeadline: number } }).state.heartbeatDeadline = Date.now() - 1;
+      const internals = session as unknown as { state: { heartbeatDeadline: number; status: string } };
+      internals.state.heartbeatDeadline = Date.now() - 1;
       await session.alarm();
+      expect(internals.state.status).toBe("ready");
       expect(await state.storage.getAlarm()).toBeGreaterThan(Date.now() + 30_000);
     });
-    await scheduler.wait(50);
+    // The socket is still served: a heartbeat sent after the alarm is answered, and nothing closed it.
+    client.send({ op: 1, d: 2 });
+    await client.waitFor(() => client.frames.filter((f) => f.op === 11).length === 4, "ACK after the alarm");
     expect(client.closed).toBeNull();
   });
 

@@ -13,6 +13,13 @@ const userSessions = (userId: string) =>
 const sessionStatus = (sessionId: string) =>
   runInDurableObject(sessionStub(sessionId), (session: Session) => (session as unknown as { state: { status: string } }).state.status);
 
+/** Sends a HEARTBEAT and waits for its ACK: anything the session sent this socket before has arrived. */
+async function heartbeatAnswered(client: TestClient): Promise<void> {
+  const acks = client.frames.filter((f) => f.op === 11).length;
+  client.send({ op: 1, d: null });
+  await client.waitFor(() => client.frames.filter((f) => f.op === 11).length > acks, "heartbeat ACK");
+}
+
 /** A member's session in `guildId` that has received the guild's first message ("m1"). */
 async function sessionAfterFirstMessage(guildId: string, userId: string): Promise<{ client: TestClient; sessionId: string }> {
   await addMember(guildId, userId);
@@ -322,7 +329,7 @@ describe("gap fills that fail or come back short", () => {
     // A late delivery of 3 alone, from a fanout that had not heard.
     await sessionStub(sessionId).deliver({ guildId, events: [event(3)] });
     await post(guildId, "gs-user", "m4"); // reaches no one: the session is unsubscribed
-    await scheduler.wait(100);
+    await heartbeatAnswered(client); // whatever the session sent before now has arrived
     expect(client.messageSeqs()).toEqual([1]);
   });
 });
@@ -497,7 +504,9 @@ describe("fanout to sessions that fail or have ended", () => {
     }
     await post(guildId, "rd-user", "m2");
     await client.waitFor(() => client.messageSeqs().length === 2, "m2, once re-added");
-    await scheduler.wait(1500); // past the removal's first retry, which the addition superseded
+    // The user directory's retries, now: the addition superseded the removal's notice, so none is sent.
+    await runDurableObjectAlarm(env.USER.get(env.USER.idFromName("rd-user")));
+    await heartbeatAnswered(client);
     expect(client.dispatches("GUILD_DELETE")).toEqual([]);
     await post(guildId, "rd-user", "m3");
     await client.waitFor(() => client.messageSeqs().length === 3, "m3");
@@ -842,6 +851,8 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
   it("a removal while deliveries are held: everything before it arrives in order, nothing after it", async () => {
     const guildId = "removed-busy";
     await addMember(guildId, "rb-stays");
+    const stays = await TestClient.connect();
+    await stays.identify("rb-stays");
     const { client } = await sessionAfterFirstMessage(guildId, "rb-goes");
     const hold = await holdDeliveries("second");
     try {
@@ -854,7 +865,8 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
       hold.release();
       hold.restore();
     }
-    await scheduler.wait(100);
+    await stays.waitFor(() => stays.messageSeqs(guildId).length === 5, "the post after the removal, at the member who stayed");
+    await heartbeatAnswered(client);
     expect(client.messageSeqs(guildId)).toEqual([1, 2, 3, 4]);
     expect(client.dispatches().map((f) => f.t)).toEqual(["READY", "MESSAGE_CREATE", "MESSAGE_CREATE", "MESSAGE_CREATE", "MESSAGE_CREATE", "GUILD_DELETE"]);
   });

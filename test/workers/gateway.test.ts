@@ -231,11 +231,17 @@ describe("sessions over real WebSockets in workerd", () => {
       await post("idem", "idem-a", "idem-a filler 0");
       await eventually(() => hold.held() === 1, "a delivery held");
       // Fill the backlog (twice FANOUT_MAX_BACKLOG for one session) so the next post waits.
-      const fillers = Array.from({ length: 40 }, (_, i) => api("POST", "/api/guilds/idem/messages", "idem-b", { content: `idem-a filler ${i + 1}` }));
-      await scheduler.wait(200);
-      const waiting = postWithKey("idem-a", "said once", "key-2");
+      let fillersTaken = 0;
+      const fillers = Array.from({ length: 40 }, (_, i) =>
+        api("POST", "/api/guilds/idem/messages", "idem-b", { content: `idem-a filler ${i + 1}` }).then((r) => (fillersTaken++, r)),
+      );
+      await eventually(() => fillersTaken >= 30, "the fillers taken up to the bound (the other 10 wait)");
+      let firstAnswered = false;
+      const waiting = postWithKey("idem-a", "said once", "key-2").then((r) => ((firstAnswered = true), r));
       await scheduler.wait(100);
       const retried = postWithKey("idem-a", "said once", "key-2");
+      await scheduler.wait(50);
+      expect(firstAnswered, "the first post still waits when its retry arrives").toBe(false);
       hold.release();
       const [a, b] = await Promise.all([waiting, retried]);
       await Promise.all(fillers);

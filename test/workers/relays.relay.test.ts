@@ -254,12 +254,15 @@ describe("relays that fail or are slow", () => {
     const { relays } = await guildStub(guildId).fanoutState();
     expect(relays).toBeGreaterThan(1);
     await post(guildId, "out-0", "first");
+    let failed = 0;
     const restore = await patchPublish(`${guildId}/relay/0`, async () => {
+      failed++;
       throw new Error("relay overloaded");
     });
     try {
       await post(guildId, "out-0", "during the outage");
-      await scheduler.wait(1500); // longer than the 50 + 200 + 800 ms after which a session is dropped
+      // As many failures as drop a session (4 attempts): a relay is kept.
+      await eventually(() => failed >= 4, "the relay failing a fourth time", 10_000);
     } finally {
       restore();
     }
@@ -342,7 +345,7 @@ describe("relays that fail or are slow", () => {
       await post(guildId, "sf-0", "m1");
       await eventually(() => hold.held() === clients.length, "every session's first delivery to be held");
       for (const n of [2, 3]) await post(guildId, "sf-0", `m${n}`);
-      await scheduler.wait(50); // the relays have them queued
+      await eventually(async () => (await Promise.all(range(3).map((i) => relayAccepted(guildId, i)))).every((seq) => seq === 3), "the relays to take m2 and m3");
       // A 10th session: relays double, and relay 1 fails its new assignment. The session's
       // subscribe fails with it: READY without the guild, which it is given once it can be.
       tenth = await join(guildId, "sf-9");
@@ -542,6 +545,7 @@ describe("relay release racing relays being taken on again", () => {
     // The relays are slow to answer the release (busy, or one far away): hold the release's
     // `assign(guild, [], [], true)` on each of the `peak` relays until the gate opens.
     let releases = 0;
+    let released = 0;
     let open!: () => void;
     const gate = new Promise<void>((resolve) => (open = resolve));
     const restore = await patchMethod(relayStub(guildId, 0), "assign", async (_self, original, args) => {
@@ -549,6 +553,11 @@ describe("relay release racing relays being taken on again", () => {
       if (replace === true && add.length === 0 && remove.length === 0 && releases < peak) {
         releases++;
         await gate;
+        try {
+          return await original(...args);
+        } finally {
+          released++;
+        }
       }
       return original(...args);
     });
@@ -565,7 +574,7 @@ describe("relay release racing relays being taken on again", () => {
       open(); // the release's assignments now reach the relays
       restore();
     }
-    await scheduler.wait(200);
+    await eventually(() => released === peak, "the late releases to reach the relays");
     await post(guildId, "rg-0", "after the crowd arrived");
     // Without a fix the late releases emptied the relays just assigned: they serve no one, and
     // every session of the guild stays silent (no gap shows, since nothing arrives at all).

@@ -687,7 +687,7 @@ describe("guildwire over wrangler dev (development)", () => {
         const [guild, spammer, bystander] = [uid("e429-g"), uid("e429-spammer"), uid("e429-bystander")];
         await api.addMembers(guild, spammer, bystander);
         await api.token(spammer);
-        const responses = await Promise.all(range(1, 80).map((i) => api.tryPost(guild, spammer, `spam ${i}`)));
+        const responses = await Promise.all(range(1, 150).map((i) => api.tryPost(guild, spammer, `spam ${i}`)));
         const accepted = responses.filter((r) => r.status === 201);
         const limited = responses.filter((r) => r.status === 429);
         expect(accepted.length + limited.length).toBe(responses.length);
@@ -702,7 +702,7 @@ describe("guildwire over wrangler dev (development)", () => {
         const seqs = accepted.map((r) => r.body.seq).sort((a, b) => a - b);
         expect(seqs).toEqual(range(1, accepted.length));
         const stored = await api.history(guild, spammer, "?limit=100");
-        expect(stored.body.map((m) => m.seq)).toEqual(seqs);
+        expect(stored.body.map((m) => m.seq)).toEqual(seqs.slice(0, 100));
 
         // Another author in the same guild is not limited; the spammer gets tokens back over time.
         expect((await api.tryPost(guild, bystander, "hi")).status).toBe(201);
@@ -1103,7 +1103,7 @@ describe("guildwire with other settings", () => {
           client.send({ op: Op.HEARTBEAT, d: client.seq });
           sent++;
         }
-      }, 500);
+      }, 250);
       try {
         await sleep(2000);
         const message = await api.post(guild, user, "still here");

@@ -32,6 +32,16 @@ export async function post(guildId: string, as: string, content: string): Promis
   return response.json();
 }
 
+/** A member's session in `guildId` that has received the guild's first message (`content`, "m1" by default). */
+export async function sessionAfterFirstMessage(guildId: string, userId: string, content = "m1"): Promise<{ client: TestClient; sessionId: string }> {
+  await addMember(guildId, userId);
+  const client = await TestClient.connect();
+  const sessionId = await client.identify(userId);
+  await post(guildId, userId, content);
+  await client.waitFor(() => client.messageSeqs(guildId).length === 1, content);
+  return { client, sessionId };
+}
+
 export class TestClient {
   readonly frames: Frame[] = [];
   closed: { code: number; reason: string } | null = null;

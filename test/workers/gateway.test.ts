@@ -2,7 +2,7 @@ import { env, evictDurableObject, runDurableObjectAlarm, runInDurableObject } fr
 import { describe, expect, it } from "vitest";
 import type { Guild } from "../../src/guild/guild.ts";
 import type { Session } from "../../src/session/session.ts";
-import { TestClient, addMember, api, eventually, holdDeliveries, patchMethod, post, token } from "./gateway-client.ts";
+import { TestClient, addMember, api, eventually, holdDeliveries, patchMethod, post, sessionAfterFirstMessage, token } from "./gateway-client.ts";
 
 const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
 const sessionStub = (sessionId: string) => env.SESSION.get(env.SESSION.idFromString(sessionId));
@@ -18,16 +18,6 @@ async function heartbeatAnswered(client: TestClient): Promise<void> {
   const acks = client.frames.filter((f) => f.op === 11).length;
   client.send({ op: 1, d: null });
   await client.waitFor(() => client.frames.filter((f) => f.op === 11).length > acks, "heartbeat ACK");
-}
-
-/** A member's session in `guildId` that has received the guild's first message ("m1"). */
-async function sessionAfterFirstMessage(guildId: string, userId: string): Promise<{ client: TestClient; sessionId: string }> {
-  await addMember(guildId, userId);
-  const client = await TestClient.connect();
-  const sessionId = await client.identify(userId);
-  await post(guildId, userId, "m1");
-  await client.waitFor(() => client.messageSeqs(guildId).length === 1, "m1");
-  return { client, sessionId };
 }
 
 describe("sessions over real WebSockets in workerd", () => {

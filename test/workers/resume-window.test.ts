@@ -7,7 +7,7 @@ import { env, runDurableObjectAlarm, runInDurableObject } from "cloudflare:test"
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { RESUME_WINDOW_MS } from "../../src/gateway/protocol.ts";
 import type { Session } from "../../src/session/session.ts";
-import { TestClient, addMember, eventually, post, token } from "./gateway-client.ts";
+import { TestClient, eventually, post, sessionAfterFirstMessage, token } from "./gateway-client.ts";
 
 afterEach(() => vi.restoreAllMocks());
 
@@ -25,11 +25,7 @@ function clockAhead(ms: number): void {
 
 /** A member's session that saw the guild's first message, then lost its connection (not a 1000/1001 close). */
 async function droppedSession(guildId: string, userId: string): Promise<{ sessionId: string; seq: number }> {
-  await addMember(guildId, userId);
-  const client = await TestClient.connect();
-  const sessionId = await client.identify(userId);
-  await post(guildId, userId, "before the drop");
-  await client.waitFor(() => client.messageSeqs(guildId).length === 1, "the first message");
+  const { client, sessionId } = await sessionAfterFirstMessage(guildId, userId, "before the drop");
   const seq = client.dispatches().at(-1)!.s!;
   client.ws.close(4000, "network dropped");
   await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");

@@ -4,7 +4,8 @@
  *   npm run client -- --user alice [--join lobby] [--guild lobby] [--url http://127.0.0.1:8787]
  *
  * Gets a development token, connects, identifies, prints every dispatch, and posts each line you
- * type to the current guild (`/guild NAME` switches). `--join` adds you to a guild first (with a
+ * type to the current guild (`/guild NAME` switches), one after another in the order typed, once
+ * the session is ready. `--join` adds you to a guild first (with a
  * development admin token). If the connection drops, it reconnects (1 s, doubling up to 30 s) and
  * RESUMEs, or IDENTIFYs afresh once the session has expired; a refused token is renewed once.
  * A post that fails on the way (a lost connection, a 5xx, a 429) is tried again up to twice with
@@ -65,21 +66,37 @@ let retryMs = RETRY_MIN_MS;
 /** A new token was fetched after a 4004 and no session has started since: another 4004 is final. */
 let tokenRenewed = false;
 /**
- * Resolves at the first READY. A line typed before it waits: posted earlier, its message would
- * reach the others but not this session, which subscribes only as it identifies.
+ * READY (or RESUMED) came and no IDENTIFY has been sent since. Until then a typed message waits:
+ * posted earlier, it would reach the others but not this session, which subscribes as it
+ * identifies. (While a RESUME is under way the session is still subscribed, so nothing waits.)
  */
-let markReady!: () => void;
-const firstReady = new Promise<void>((resolve) => (markReady = resolve));
+let sessionReady = false;
+let readyWaiters: (() => void)[] = [];
+
+function setReady(ready: boolean): void {
+  sessionReady = ready;
+  if (!ready) return;
+  for (const resume of readyWaiters) resume();
+  readyWaiters = [];
+}
+
+async function untilReady(): Promise<void> {
+  if (sessionReady) return;
+  if (readyWaiters.length === 0) console.log("* waiting for the session to be ready; what you type is sent then");
+  await new Promise<void>((resolve) => readyWaiters.push(resolve));
+}
 
 function handshake(gateway: GatewayClient): void {
-  if (sessionId) gateway.send({ op: Op.RESUME, d: { token, session_id: sessionId, seq: lastSeq } });
-  else gateway.send({ op: Op.IDENTIFY, d: { token } });
+  if (sessionId) return gateway.send({ op: Op.RESUME, d: { token, session_id: sessionId, seq: lastSeq } });
+  setReady(false);
+  gateway.send({ op: Op.IDENTIFY, d: { token } });
 }
 
 /** READY or RESUMED: the connection works, so the next drop starts the backoff and token renewal anew. */
 function sessionStarted(): void {
   retryMs = RETRY_MIN_MS;
   tokenRenewed = false;
+  setReady(true);
 }
 
 /** Acts on the frames not handled yet: the handshake, an invalid session, and printing dispatches. */
@@ -102,10 +119,9 @@ function handle(gateway: GatewayClient): void {
     const d = frame.d as Record<string, unknown>;
     switch (frame.t) {
       case "READY":
-        sessionStarted();
         sessionId = d.session_id as string;
         current ??= (d.guilds as string[])[0];
-        markReady();
+        sessionStarted();
         console.log(`* ready as ${user} in ${(d.guilds as string[]).join(", ") || "no guilds yet"}; typing goes to ${current ?? "(none)"}`);
         break;
       case "MESSAGE_CREATE":
@@ -168,8 +184,13 @@ function reconnectLater(why: string): void {
 
 await connect();
 
-createInterface({ input: process.stdin }).on("line", async (line) => {
-  const text = line.trim();
+/** Typed lines, handled one after another in the order typed: posts go out in that order, and a `/guild` or `/quit` takes effect after the lines before it. */
+let typed = Promise.resolve();
+createInterface({ input: process.stdin }).on("line", (line) => {
+  typed = typed.then(() => handleLine(line.trim())).catch((error: unknown) => console.log(`* ${(error as Error).message}`));
+});
+
+async function handleLine(text: string): Promise<void> {
   if (!text) return;
   if (text.startsWith("/guild ")) {
     current = text.slice(7).trim();
@@ -179,10 +200,10 @@ createInterface({ input: process.stdin }).on("line", async (line) => {
     if (!client || client.closed) process.exit(0); // between connections
     return void client.close(CloseCode.NORMAL); // ends the session; its close exits
   }
-  await firstReady;
+  await untilReady();
   if (!current) return console.log("* no guild to post to: start with --join GUILD");
   await postLine(current, text);
-});
+}
 
 const POST_ATTEMPTS = 3;
 

@@ -104,16 +104,16 @@ describe("the CLI client", () => {
     expect(client.output()).not.toContain("not sent");
   });
 
-  it("holds a line typed before READY until the session is ready, so its author sees it too", async () => {
-    const posted: number[] = [];
+  it("holds lines typed before READY until the session is ready, then sends them in order, each to the guild chosen when it was typed", async () => {
+    const posted: { at: number; url: string; content: string }[] = [];
     let readyAt = 0;
     let identified = false;
     let sendReady!: () => void;
     const ready = new Promise<void>((resolve) => (sendReady = resolve));
     const client = await clientAgainstStandIn(
       [],
-      (_request, _body, response) => {
-        posted.push(Date.now());
+      (request, body, response) => {
+        posted.push({ at: Date.now(), url: request.url!, content: (JSON.parse(body) as { content: string }).content });
         response.writeHead(201, { "content-type": "application/json" }).end("{}");
       },
       () => {
@@ -121,16 +121,22 @@ describe("the CLI client", () => {
         return ready.then(() => void (readyAt = Date.now()));
       },
     );
-    child!.stdin!.write("typed early\n");
+    child!.stdin!.write("for lobby\n/guild other\nfor other\n/quit\n");
     await client.until(() => identified);
     await new Promise((r) => setTimeout(r, 500)); // time enough for a post to arrive
     expect(identified).toBe(true);
     expect(posted).toEqual([]);
+    const exited = new Promise<number | null>((resolve) => child!.once("exit", resolve));
     sendReady();
-    await client.until(() => posted.length === 1);
-    expect(posted).toHaveLength(1);
-    expect(posted[0]).toBeGreaterThanOrEqual(readyAt);
+    // Both posts, in order, then /quit ends the session (a 1000 close), which ends the client.
+    await client.until(() => posted.length === 2);
+    expect(posted.map(({ url, content }) => [url, content])).toEqual([
+      ["/api/guilds/lobby/messages", "for lobby"],
+      ["/api/guilds/other/messages", "for other"],
+    ]);
+    expect(posted[0]!.at).toBeGreaterThanOrEqual(readyAt);
     expect(client.output()).toContain("* ready as bob");
     expect(client.output()).not.toContain("not sent");
+    expect(await exited).toBe(0);
   });
 });

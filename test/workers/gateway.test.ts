@@ -225,12 +225,23 @@ describe("sessions over real WebSockets in workerd", () => {
       const fillers = Array.from({ length: 40 }, (_, i) =>
         api("POST", "/api/guilds/idem/messages", "idem-b", { content: `idem-a filler ${i + 1}` }).then((r) => (fillersTaken++, r)),
       );
-      await eventually(() => fillersTaken >= 30, "the fillers taken up to the bound (the other 10 wait)");
+      await eventually(() => fillersTaken >= 30, "the fillers taken up to the bound (the rest wait)");
       let firstAnswered = false;
-      const waiting = postWithKey("idem-a", "said once", "key-2").then((r) => ((firstAnswered = true), r));
-      await scheduler.wait(100);
-      const retried = postWithKey("idem-a", "said once", "key-2");
-      await scheduler.wait(50);
+      let arrived = 0;
+      const restoreCreate = await patchMethod(guildStub("idem"), "createMessage", (_self, original, args) => {
+        if (JSON.stringify(args[0]).includes('"key-2"')) arrived++;
+        return original(...args);
+      });
+      let waiting: Promise<Response>;
+      let retried: Promise<Response>;
+      try {
+        waiting = postWithKey("idem-a", "said once", "key-2").then((r) => ((firstAnswered = true), r));
+        await eventually(() => arrived === 1, "the first post at the guild");
+        retried = postWithKey("idem-a", "said once", "key-2");
+        await eventually(() => arrived === 2, "its retry at the guild");
+      } finally {
+        restoreCreate();
+      }
       expect(firstAnswered, "the first post still waits when its retry arrives").toBe(false);
       hold.release();
       const [a, b] = await Promise.all([waiting, retried]);
@@ -325,6 +336,10 @@ describe("gap fills that fail or come back short", () => {
     // A late delivery of 3 alone, from a fanout that had not heard.
     await sessionStub(sessionId).deliver({ guildId, events: [event(3)] });
     await post(guildId, "gs-user", "m4"); // reaches no one: the session is unsubscribed
+    await eventually(
+      () => runInDurableObject(guildStub(guildId), (guild: Guild) => (guild as unknown as { sessions: { drained: boolean } }).sessions.drained),
+      "the guild's fanout to have nothing queued or in flight",
+    );
     await heartbeatAnswered(client); // whatever the session sent before now has arrived
     expect(client.messageSeqs()).toEqual([1]);
   });

@@ -16,15 +16,18 @@ export class User extends DurableObject<Env> {
       CREATE TABLE IF NOT EXISTS guilds (guild_id TEXT PRIMARY KEY);
       CREATE TABLE IF NOT EXISTS sessions (session_id TEXT PRIMARY KEY, target TEXT NOT NULL);
       CREATE TABLE IF NOT EXISTS pending_notices (target TEXT NOT NULL, guild_id TEXT NOT NULL, session_id TEXT NOT NULL, change TEXT NOT NULL, owed_since INTEGER NOT NULL, PRIMARY KEY (target, guild_id));
+      CREATE TABLE IF NOT EXISTS identify_allowance (id INTEGER PRIMARY KEY CHECK (id = 1), tokens REAL NOT NULL, at INTEGER NOT NULL);
     `);
   }
 
   /**
    * Registers a live session (or its new holder after a resume); returns the user's guilds, or
-   * `null` when a new session would take the user past MAX_SESSIONS_PER_USER. A resume is never
-   * refused: its session holds a place already.
+   * `null` when a new session is refused: past IDENTIFY_BURST new sessions at once (then
+   * IDENTIFIES_PER_SECOND), or past MAX_SESSIONS_PER_USER live ones. A resume is never refused:
+   * its session holds a place already.
    */
   async attachSession(sessionId: string, target: string, resuming = true): Promise<string[] | null> {
+    if (!resuming && !this.takeIdentifyAllowance()) return null;
     if (!resuming && this.liveSessions() >= MAX_SESSIONS_PER_USER) {
       // Sessions that ended without detaching (their object failed to say so) must not hold places for good.
       await this.forgetEndedSessions();
@@ -36,6 +39,21 @@ export class User extends DurableObject<Env> {
       target,
     );
     return this.guilds();
+  }
+
+  /**
+   * One new session off the user's allowance (a token bucket, stored, so an eviction does not
+   * refill it); false when none is left. Every IDENTIFY takes one, refused or not: each costs a
+   * subscribe in every guild of the user, so looping IDENTIFY and close multiplies load as
+   * surely as holding sessions does.
+   */
+  private takeIdentifyAllowance(): boolean {
+    const now = Date.now();
+    const last = this.sql.exec<{ tokens: number; at: number }>("SELECT tokens, at FROM identify_allowance").toArray()[0];
+    const tokens = last ? Math.min(IDENTIFY_BURST, last.tokens + (Math.max(0, now - last.at) / 1000) * IDENTIFIES_PER_SECOND) : IDENTIFY_BURST;
+    if (tokens < 1) return false;
+    this.sql.exec("INSERT OR REPLACE INTO identify_allowance (id, tokens, at) VALUES (1, ?, ?)", tokens - 1, now);
+    return true;
   }
 
   private liveSessions(): number {
@@ -144,6 +162,10 @@ type Change = "added" | "removed";
  * would multiply the fanout of every guild it is in.
  */
 export const MAX_SESSIONS_PER_USER = 32;
+
+/** New sessions (IDENTIFYs) one user may start at once, and how many more each second after that. */
+export const IDENTIFY_BURST = 60;
+export const IDENTIFIES_PER_SECOND = 1;
 
 /** When a membership change that could not reach a session is tried again, and how long before it is forgotten. */
 const FIRST_RETRY_MS = 1000;

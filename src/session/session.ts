@@ -285,7 +285,7 @@ export class Session extends DurableObject<Env> {
       return;
     }
     if (tooMany) {
-      closeSocket(ws, CloseCode.RATE_LIMITED, "too many sessions for this user; end one or resume it");
+      closeSocket(ws, CloseCode.RATE_LIMITED, "too many sessions or identifies for this user; resume, or end one and wait");
       await this.enqueue(() => this.end());
     }
   }

@@ -1,9 +1,13 @@
-import { env } from "cloudflare:test";
-import { describe, expect, it } from "vitest";
+import { env, evictDurableObject } from "cloudflare:test";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { TestClient, addMember, eventually, post, token } from "./gateway-client.ts";
 
 /** The bound the fix introduces (MAX_SESSIONS_PER_USER in src/guild/user.ts). */
 const MAX_SESSIONS_PER_USER = 32;
+/** New sessions one user may start at once, then one a second (IDENTIFY_BURST, IDENTIFIES_PER_SECOND in src/guild/user.ts). */
+const IDENTIFY_BURST = 60;
+
+afterEach(() => vi.restoreAllMocks());
 
 const guildStub = (guildId: string) => env.GUILD.get(env.GUILD.idFromName(guildId));
 
@@ -46,5 +50,42 @@ describe("one user's live sessions are bounded", () => {
       client.ws.close(1000, "bye"); // ends the session
       await eventually(async () => (await guildStub(guildId).fanoutState()).sessions === 0, "the session to end");
     }
+  });
+
+  it("a user identifying over and over is refused 4008 once its allowance is spent, and may start another a second later", async () => {
+    const guildId = "identify-loop";
+    await addMember(guildId, "looper");
+    // Time stands still while it loops, so no allowance comes back meanwhile.
+    const frozen = Date.now();
+    vi.spyOn(Date, "now").mockReturnValue(frozen);
+    let started = 0;
+    let refused: TestClient | undefined;
+    while (!refused && started <= IDENTIFY_BURST) {
+      const client = await TestClient.connect();
+      await client.waitFor(() => client.frames.find((f) => f.op === 10), "HELLO");
+      client.send({ op: 2, d: { token: await token("looper") } });
+      await client.waitFor(() => client.dispatches("READY")[0] ?? client.closed, "READY or a close");
+      if (client.closed) {
+        refused = client;
+        break;
+      }
+      started++;
+      client.ws.close(1000, "bye"); // ends the session: the cap on live sessions never comes into it
+      await eventually(async () => (await guildStub(guildId).fanoutState()).sessions === 0, "the session to end");
+    }
+    expect(started).toBe(IDENTIFY_BURST);
+    expect(refused?.closed?.code).toBe(4008);
+    expect(refused!.dispatches("READY")).toEqual([]);
+    // The allowance is stored: the user directory evicted from memory has not refilled it.
+    await evictDurableObject(env.USER.get(env.USER.idFromName("looper")));
+    const again = await TestClient.connect();
+    await again.waitFor(() => again.frames.find((f) => f.op === 10), "HELLO");
+    again.send({ op: 2, d: { token: await token("looper") } });
+    expect((await again.waitFor(() => again.closed, "a close")).code).toBe(4008);
+
+    vi.spyOn(Date, "now").mockReturnValue(frozen + 1000);
+    const later = await TestClient.connect();
+    await later.identify("looper");
+    expect(later.closed).toBeNull();
   });
 });

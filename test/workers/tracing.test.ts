@@ -134,6 +134,7 @@ describe("sessions hand their delivery spans back to the fanout", () => {
     // An older guild or relay does not ask: the session exports its span, and returns nothing.
     expect(await session.deliver({ guildId, events: [wrap(event(3), { carrier })] })).toBeUndefined();
     const exported = await waitForSpans((spans) => spans.some((x) => x.name === "session.deliver"), "the exported delivery span");
+    // Exactly one: the span handed back above was not exported by the session as well.
     expect(exported.map((span) => span.spanContext().traceId)).toEqual([traceId]);
     // Unsampled, nothing comes back.
     expect(await session.deliver({ guildId, events: [event(4)], returnSpans: true })).toBeUndefined();
@@ -225,6 +226,13 @@ describe("unsampled traffic costs nothing", () => {
     for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 1, "the message");
     await scheduler.wait(100);
     expect(ours()).toEqual([]);
+    // A sampled message after it is traced by the same objects: once its fanout span is in,
+    // anything the first had made would be too, and every span there is is the second's.
+    const sampled = randomTraceId();
+    expect((await postWithHeaders("unsampled", "unsampled-u0", { traceparent: traceparent(sampled, true) })).status).toBe(201);
+    await waitForSpans((spans) => spans.some((s) => s.name === "guild.fanout"), "the sampled message's fanout span");
+    for (const client of clients) await client.waitFor(() => client.messageSeqs().length === 2, "the sampled message");
+    expect(new Set(ours().map((s) => s.spanContext().traceId))).toEqual(new Set([sampled]));
   });
 
   it("ignores an invalid traceparent: the request succeeds and starts its own trace", async () => {

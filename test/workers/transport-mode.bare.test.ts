@@ -2,7 +2,7 @@ import { SELF, env } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
 import { ENVELOPE_BRAND, wrap } from "../../src/transport/index.ts";
-import { TestClient, addMember, token } from "./gateway-client.ts";
+import { TestClient, addMember, eventually, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
 
 const service = (span: ReadableSpan) => String(span.resource.attributes["service.name"]);
@@ -36,8 +36,11 @@ describe("TRANSPORT_MODE=bare", () => {
       await client.waitFor(() => client.messageSeqs().length === 5, "all five");
       expect(client.messageSeqs()).toEqual([1, 2, 3, 4, 5]);
     }
+    // Tracing is on: the API's five server spans arrive (the guild had exported by then what it would).
+    await eventually(() => recordedSpans.getFinishedSpans().filter((s) => service(s) === "guildwire-api").length >= 5, "the API's spans");
     await scheduler.wait(100);
     const spans = recordedSpans.getFinishedSpans();
+    expect(spans.filter((s) => service(s) === "guildwire-api")).toHaveLength(5);
     // The Worker's own server span is not the Transport's to suppress; nothing crosses an object boundary.
     expect(spans.map(service).filter((s) => s !== "guildwire-api")).toEqual([]);
   });

@@ -22,12 +22,13 @@ export class User extends DurableObject<Env> {
 
   /**
    * Registers a live session (or its new holder after a resume); returns the user's guilds, or
-   * `null` when a new session is refused: past IDENTIFY_BURST new sessions at once (then
-   * IDENTIFIES_PER_SECOND), or past MAX_SESSIONS_PER_USER live ones. A resume is never refused:
-   * its session holds a place already.
+   * `null` when a new session is refused: the user's session starts are used up (see
+   * `takeSessionStart`), or it would be past MAX_SESSIONS_PER_USER live ones. A resume is not
+   * refused here: its session holds a place already, and it asked `allowResume` first.
+   * (`resuming` defaults to true because sessions of earlier versions pass nothing for a resume.)
    */
   async attachSession(sessionId: string, target: string, resuming = true): Promise<string[] | null> {
-    if (!resuming && !this.takeIdentifyAllowance()) return null;
+    if (!resuming && !this.takeSessionStart()) return null;
     if (!resuming && this.liveSessions() >= MAX_SESSIONS_PER_USER) {
       // Sessions that ended without detaching (their object failed to say so) must not hold places for good.
       await this.forgetEndedSessions();
@@ -41,18 +42,25 @@ export class User extends DurableObject<Env> {
     return this.guilds();
   }
 
+  /** May a RESUME of this user go ahead? It takes a session start, as an IDENTIFY does. */
+  async allowResume(): Promise<boolean> {
+    return this.takeSessionStart();
+  }
+
   /**
-   * One new session off the user's allowance (a token bucket, stored, so an eviction does not
-   * refill it); false when none is left. Every IDENTIFY takes one, refused or not: each costs a
-   * subscribe in every guild of the user, so looping IDENTIFY and close multiplies load as
-   * surely as holding sessions does.
+   * One session start (an IDENTIFY or a RESUME) off the user's allowance: SESSION_START_BURST,
+   * then SESSION_STARTS_PER_SECOND, as a token bucket stored so an eviction does not refill it.
+   * False when none is left, and nothing is taken then. Each start subscribes in every guild of
+   * the user, so a client looping IDENTIFY (or RESUME) and close loads them all, however few
+   * sessions it holds at once.
    */
-  private takeIdentifyAllowance(): boolean {
+  private takeSessionStart(): boolean {
     const now = Date.now();
     const last = this.sql.exec<{ tokens: number; at: number }>("SELECT tokens, at FROM identify_allowance").toArray()[0];
-    const tokens = last ? Math.min(IDENTIFY_BURST, last.tokens + (Math.max(0, now - last.at) / 1000) * IDENTIFIES_PER_SECOND) : IDENTIFY_BURST;
+    const tokens = last ? Math.min(SESSION_START_BURST, last.tokens + (Math.max(0, now - last.at) / 1000) * SESSION_STARTS_PER_SECOND) : SESSION_START_BURST;
     if (tokens < 1) return false;
-    this.sql.exec("INSERT OR REPLACE INTO identify_allowance (id, tokens, at) VALUES (1, ?, ?)", tokens - 1, now);
+    // A clock that stepped back must not move the refill's starting point back (and credit it twice).
+    this.sql.exec("INSERT OR REPLACE INTO identify_allowance (id, tokens, at) VALUES (1, ?, ?)", tokens - 1, Math.max(now, last?.at ?? now));
     return true;
   }
 
@@ -163,9 +171,9 @@ type Change = "added" | "removed";
  */
 export const MAX_SESSIONS_PER_USER = 32;
 
-/** New sessions (IDENTIFYs) one user may start at once, and how many more each second after that. */
-export const IDENTIFY_BURST = 60;
-export const IDENTIFIES_PER_SECOND = 1;
+/** IDENTIFYs and RESUMEs one user may make in quick succession, and how many more each second after that. */
+export const SESSION_START_BURST = 60;
+export const SESSION_STARTS_PER_SECOND = 1;
 
 /** When a membership change that could not reach a session is tried again, and how long before it is forgotten. */
 const FIRST_RETRY_MS = 1000;

@@ -295,6 +295,11 @@ export class Session extends DurableObject<Env> {
     if (!userId) return;
     const origin = this.sessionStub(request.session_id);
     if (!origin || request.session_id === this.selfId) return this.send(ws, { op: Op.INVALID_SESSION, d: false });
+    // Asked before the hand-off, so a refused RESUME leaves the session where it was, resumable.
+    // (A user directory that cannot be asked, or of a version without the method, lets it go ahead.)
+    if (!(await this.user(userId).allowResume().catch(() => true))) {
+      return this.close(ws, CloseCode.RATE_LIMITED, "resuming too often for this user; wait a second and resume again");
+    }
     let handOff: HandOff;
     try {
       handOff = await origin.takeOver({ requester: this.selfId, userId, seq: request.seq });
@@ -313,7 +318,7 @@ export class Session extends DurableObject<Env> {
         for (const { guildId, lastSeq } of guilds) this.setGuildSeq(guildId, lastSeq);
         // Already in the buffer: if the client dropped meanwhile, its next RESUME gets them.
         if (ws.readyState === WebSocket.READY_STATE_OPEN) for (const { frame } of frames) ws.send(frame);
-        const memberOf = (await this.user(userId).attachSession(request.session_id, this.selfId)) ?? [];
+        const memberOf = (await this.user(userId).attachSession(request.session_id, this.selfId, true)) ?? [];
         // Each guild re-targets its deliveries here and replays what came after `lastSeq`, or
         // says the user was removed meanwhile. Guilds joined meanwhile are caught up on too: the
         // user directory's notices during the hand-off went to the previous holder.

@@ -4,8 +4,8 @@ import { TestClient, addMember, eventually, post, token } from "./gateway-client
 
 /** The bound the fix introduces (MAX_SESSIONS_PER_USER in src/guild/user.ts). */
 const MAX_SESSIONS_PER_USER = 32;
-/** New sessions one user may start at once, then one a second (IDENTIFY_BURST, IDENTIFIES_PER_SECOND in src/guild/user.ts). */
-const IDENTIFY_BURST = 60;
+/** IDENTIFYs and RESUMEs one user may make in quick succession, then one a second (SESSION_START_BURST, SESSION_STARTS_PER_SECOND in src/guild/user.ts). */
+const SESSION_START_BURST = 60;
 
 afterEach(() => vi.restoreAllMocks());
 
@@ -52,40 +52,58 @@ describe("one user's live sessions are bounded", () => {
     }
   });
 
-  it("a user identifying over and over is refused 4008 once its allowance is spent, and may start another a second later", async () => {
+  it("a user's session starts (IDENTIFY and RESUME) are limited: 60 in quick succession, then one a second, stored, and a refused RESUME leaves its session resumable", async () => {
     const guildId = "identify-loop";
     await addMember(guildId, "looper");
     // Time stands still while it loops, so no allowance comes back meanwhile.
     const frozen = Date.now();
-    vi.spyOn(Date, "now").mockReturnValue(frozen);
-    let started = 0;
-    let refused: TestClient | undefined;
-    while (!refused && started <= IDENTIFY_BURST) {
+    const clockAt = (time: number) => vi.spyOn(Date, "now").mockReturnValue(time);
+    clockAt(frozen);
+    // One session to resume later: dropped, not ended. It took the first start.
+    const keeper = await TestClient.connect();
+    const keptId = await keeper.identify("looper");
+    const keptSeq = keeper.dispatches().at(-1)!.s!;
+    keeper.ws.close(4000, "dropped");
+    /** IDENTIFY and end the session, until one is refused: how many got READY, and the refusal. */
+    const identifyUntilRefused = async (limit: number) => {
+      let started = 0;
+      for (;;) {
+        const client = await TestClient.connect();
+        await client.waitFor(() => client.frames.find((f) => f.op === 10), "HELLO");
+        client.send({ op: 2, d: { token: await token("looper") } });
+        await client.waitFor(() => client.dispatches("READY")[0] ?? client.closed, "READY or a close");
+        if (client.closed) return { started, refusal: client };
+        if (++started > limit) return { started, refusal: undefined };
+        client.ws.close(1000, "bye"); // ends the session: the cap on live sessions never comes into it
+        await eventually(async () => (await guildStub(guildId).fanoutState()).sessions === 1, "the session to end (the keeper stays)");
+      }
+    };
+    const first = await identifyUntilRefused(SESSION_START_BURST);
+    expect(first.started).toBe(SESSION_START_BURST - 1);
+    expect(first.refusal?.closed?.code).toBe(4008);
+    expect(first.refusal!.dispatches("READY")).toEqual([]);
+
+    const resume = async () => {
       const client = await TestClient.connect();
       await client.waitFor(() => client.frames.find((f) => f.op === 10), "HELLO");
-      client.send({ op: 2, d: { token: await token("looper") } });
-      await client.waitFor(() => client.dispatches("READY")[0] ?? client.closed, "READY or a close");
-      if (client.closed) {
-        refused = client;
-        break;
-      }
-      started++;
-      client.ws.close(1000, "bye"); // ends the session: the cap on live sessions never comes into it
-      await eventually(async () => (await guildStub(guildId).fanoutState()).sessions === 0, "the session to end");
-    }
-    expect(started).toBe(IDENTIFY_BURST);
-    expect(refused?.closed?.code).toBe(4008);
-    expect(refused!.dispatches("READY")).toEqual([]);
+      client.send({ op: 6, d: { token: await token("looper"), session_id: keptId, seq: keptSeq } });
+      await client.waitFor(() => client.dispatches("RESUMED")[0] ?? client.closed, "RESUMED or a close");
+      return client;
+    };
+    // A RESUME takes a start too: refused, and the session it asked for stays as it was.
+    expect((await resume()).closed?.code).toBe(4008);
     // The allowance is stored: the user directory evicted from memory has not refilled it.
     await evictDurableObject(env.USER.get(env.USER.idFromName("looper")));
-    const again = await TestClient.connect();
-    await again.waitFor(() => again.frames.find((f) => f.op === 10), "HELLO");
-    again.send({ op: 2, d: { token: await token("looper") } });
-    expect((await again.waitFor(() => again.closed, "a close")).code).toBe(4008);
-
-    vi.spyOn(Date, "now").mockReturnValue(frozen + 1000);
-    const later = await TestClient.connect();
-    await later.identify("looper");
-    expect(later.closed).toBeNull();
-  });
+    expect((await identifyUntilRefused(0)).started).toBe(0);
+    // Half a second gives half a start: still refused. A second gives one: the RESUME goes through.
+    clockAt(frozen + 500);
+    expect((await identifyUntilRefused(0)).started).toBe(0);
+    clockAt(frozen + 1000);
+    const resumed = await resume();
+    expect(resumed.closed).toBeNull();
+    expect(resumed.dispatches("RESUMED")).toHaveLength(1);
+    // Long idle refills up to the burst, no further.
+    clockAt(frozen + 3_600_000);
+    expect((await identifyUntilRefused(SESSION_START_BURST)).started).toBe(SESSION_START_BURST);
+  }, 60_000);
 });

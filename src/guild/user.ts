@@ -16,7 +16,7 @@ export class User extends DurableObject<Env> {
       CREATE TABLE IF NOT EXISTS guilds (guild_id TEXT PRIMARY KEY);
       CREATE TABLE IF NOT EXISTS sessions (session_id TEXT PRIMARY KEY, target TEXT NOT NULL);
       CREATE TABLE IF NOT EXISTS pending_notices (target TEXT NOT NULL, guild_id TEXT NOT NULL, session_id TEXT NOT NULL, change TEXT NOT NULL, owed_since INTEGER NOT NULL, PRIMARY KEY (target, guild_id));
-      CREATE TABLE IF NOT EXISTS identify_allowance (id INTEGER PRIMARY KEY CHECK (id = 1), tokens REAL NOT NULL, at INTEGER NOT NULL);
+      CREATE TABLE IF NOT EXISTS session_start_allowance (id INTEGER PRIMARY KEY CHECK (id = 1), tokens REAL NOT NULL, at INTEGER NOT NULL);
     `);
   }
 
@@ -56,11 +56,11 @@ export class User extends DurableObject<Env> {
    */
   private takeSessionStart(): boolean {
     const now = Date.now();
-    const last = this.sql.exec<{ tokens: number; at: number }>("SELECT tokens, at FROM identify_allowance").toArray()[0];
+    const last = this.sql.exec<{ tokens: number; at: number }>("SELECT tokens, at FROM session_start_allowance").toArray()[0];
     const tokens = last ? Math.min(SESSION_START_BURST, last.tokens + (Math.max(0, now - last.at) / 1000) * SESSION_STARTS_PER_SECOND) : SESSION_START_BURST;
     if (tokens < 1) return false;
     // A clock that stepped back must not move the refill's starting point back (and credit it twice).
-    this.sql.exec("INSERT OR REPLACE INTO identify_allowance (id, tokens, at) VALUES (1, ?, ?)", tokens - 1, Math.max(now, last?.at ?? now));
+    this.sql.exec("INSERT OR REPLACE INTO session_start_allowance (id, tokens, at) VALUES (1, ?, ?)", tokens - 1, Math.max(now, last?.at ?? now));
     return true;
   }
 

@@ -1,6 +1,7 @@
-import { SELF, env } from "cloudflare:test";
+import { SELF, env, runInDurableObject } from "cloudflare:test";
 import type { ReadableSpan } from "@opentelemetry/sdk-trace-base";
 import { beforeEach, describe, expect, it } from "vitest";
+import type { Relay } from "../../src/guild/relay.ts";
 import { ENVELOPE_BRAND, wrap } from "../../src/transport/index.ts";
 import { TestClient, addMember, eventually, token } from "./gateway-client.ts";
 import { recordedSpans } from "./tracing.ts";
@@ -56,7 +57,12 @@ describe("TRANSPORT_MODE=bare", () => {
     const event = { type: "MESSAGE_CREATE" as const, seq: 1, data: JSON.stringify(message) };
     await relay.publish([wrap(event, { carrier: { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" }, recipients: 1 })]);
     await client.waitFor(() => client.messageSeqs().length === 1, "the relayed event");
-    await scheduler.wait(50);
+    // A relay's span would end within publish and a session's within its delivery RPC: once the
+    // relay has nothing queued or in flight, any span either made is recorded.
+    await eventually(
+      () => runInDurableObject(relay, (instance: Relay) => (instance as unknown as { fanout: { drained: boolean } }).fanout.drained),
+      "the relay's fanout to have nothing queued or in flight",
+    );
     expect(recordedSpans.getFinishedSpans().map((span) => `${service(span)}:${span.name}`)).toEqual([]);
   });
 

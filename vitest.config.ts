@@ -1,5 +1,6 @@
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
+import { DEVELOPMENT_VARS } from "./scripts/lib/dev-server.ts";
 
 /** A project that runs inside workerd, against the real Durable Objects of wrangler.toml. */
 function workersProject(name: string, options: { include?: string[]; exclude?: string[]; bindings?: Record<string, string> }) {
@@ -10,7 +11,7 @@ function workersProject(name: string, options: { include?: string[]; exclude?: s
         wrangler: { configPath: "./wrangler.toml" },
         miniflare: {
           durableObjects: { PROBE_SENDER: "ProbeSender", PROBE_RECEIVER: "ProbeReceiver" },
-          ...(options.bindings ? { bindings: options.bindings } : {}),
+          bindings: { ...DEVELOPMENT_VARS, ...options.bindings },
         },
       }),
     ],

@@ -1,13 +1,13 @@
 /**
  * `npm start`: the local trace collector on 127.0.0.1:4318 plus the gateway under `wrangler dev`
- * on 127.0.0.1:8787. Arguments after `--` go to `wrangler dev` and win over the defaults
+ * on 127.0.0.1:8787, in development mode. Arguments after `--` go to `wrangler dev` and win over the defaults
  * (`npm start -- --port 8799`). Ctrl-C or SIGTERM stops both. When port 4318 is taken (a collector
  * already running, e.g. `npm run collector` in another terminal), wrangler starts alone.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
 import { type Collector, startCollector } from "./collector.ts";
-import { ROOT } from "./lib/dev-server.ts";
+import { DEVELOPMENT_VARS, ROOT } from "./lib/dev-server.ts";
 
 const COLLECTOR_PORT = 4318;
 const BIN = join(ROOT, "node_modules/.bin");
@@ -18,6 +18,11 @@ function wranglerArgs(extra: string[]): string[] {
   const args = ["dev"];
   if (!given("--ip")) args.push("--ip", "127.0.0.1");
   if (!given("--port")) args.push("--port", "8787");
+  // Development mode comes from here, not .dev.vars (see DEVELOPMENT_VARS). The user's own
+  // `--var NAME:…` wins: given twice, wrangler would take neither value.
+  const givenVar = (name: string): boolean =>
+    extra.some((arg, i) => arg.startsWith(`--var=${name}:`) || (arg.startsWith(`${name}:`) && extra[i - 1] === "--var"));
+  for (const [name, value] of Object.entries(DEVELOPMENT_VARS)) if (!givenVar(name)) args.push("--var", `${name}:${value}`);
   return [...args, ...extra];
 }
 

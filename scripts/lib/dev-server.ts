@@ -33,10 +33,17 @@ export interface DevServer {
   stop(): Promise<void>;
 }
 
+/**
+ * Development mode (the `/api/dev/*` routes, the development secret): set by whoever starts the
+ * gateway locally (`npm start`, these servers, the workers tests), never by `.dev.vars`, which
+ * someone may upload as secrets.
+ */
+export const DEVELOPMENT_VARS = { ENVIRONMENT: "development" } as const;
+
 export interface DevServerOptions {
   /**
-   * Extra `--var NAME:value` settings. OTEL_EXPORTER_OTLP_ENDPOINT defaults to "" (no export),
-   * so tests and benchmarks never fill a developer's own collector on :4318.
+   * Extra `--var NAME:value` settings, over DEVELOPMENT_VARS. OTEL_EXPORTER_OTLP_ENDPOINT defaults
+   * to "" (no export), so tests and benchmarks never fill a developer's own collector on :4318.
    */
   vars?: Record<string, string>;
   startTimeoutMs?: number;
@@ -121,7 +128,7 @@ async function startOnce(options: DevServerOptions): Promise<DevServer> {
     "--show-interactive-dev-session=false",
     "--log-level", "warn",
   ];
-  for (const [name, value] of Object.entries({ OTEL_EXPORTER_OTLP_ENDPOINT: "", ...options.vars })) args.push("--var", `${name}:${value}`);
+  for (const [name, value] of Object.entries({ ...DEVELOPMENT_VARS, OTEL_EXPORTER_OTLP_ENDPOINT: "", ...options.vars })) args.push("--var", `${name}:${value}`);
   // Every client socket costs workerd two descriptors (wrangler's proxy and the runtime): raise
   // the open-file limit as far as this user may, for 10,000-session benchmarks.
   const raiseFileLimit = 'ulimit -Hn 1048576 2>/dev/null; ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" "$@"';

@@ -84,7 +84,7 @@ export async function verifyToken(secret: string, token: unknown, now = Date.now
 /**
  * The secret `.dev.vars` ships with (public: it is in the repository). Refused outside
  * development, in case `.dev.vars` is uploaded (`wrangler secret bulk .dev.vars`): anyone could
- * sign admin tokens with it.
+ * sign admin tokens with it. (Development mode itself is not in that file, so it cannot come along.)
  */
 const DEVELOPMENT_SECRET = "guildwire-development-only-secret-do-not-deploy";
 

@@ -162,7 +162,7 @@ async function issueDevToken(request: Request, env: Env): Promise<Response> {
 
 function requireSecret(env: Env): string {
   const secret = authSecret(env);
-  if (!secret) throw new HttpError(500, "server_misconfigured", "AUTH_SECRET is not set, shorter than 16 characters, or the development secret outside development (use `wrangler secret put AUTH_SECRET`)");
+  if (!secret) throw new HttpError(500, "server_misconfigured", "AUTH_SECRET is not set, shorter than 16 characters, or the development secret outside development (in production use `wrangler secret put AUTH_SECRET`; locally, `npm start` sets ENVIRONMENT=development)");
   return secret;
 }
 

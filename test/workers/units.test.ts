@@ -48,7 +48,7 @@ describe("tokens", () => {
   });
 
   it("have no default secret, and the one .dev.vars ships is refused outside development", () => {
-    // This project's env is .dev.vars (development), so its AUTH_SECRET is the public one.
+    // This project's env is .dev.vars plus ENVIRONMENT=development, so its AUTH_SECRET is the public one.
     const shipped = env.AUTH_SECRET!;
     expect(authSecret({ AUTH_SECRET: shipped, ENVIRONMENT: "development" })).toBe(shipped);
     expect(authSecret({ AUTH_SECRET: shipped, ENVIRONMENT: "production" })).toBeNull();

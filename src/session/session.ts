@@ -1,5 +1,6 @@
 import { DurableObject } from "cloudflare:workers";
-import { verifyToken, authSecret } from "../api/auth.ts";
+import { authSecret } from "../api/auth.ts";
+import { verifyToken } from "../api/tokens.ts";
 import type { Env } from "../env.ts";
 import { parseClientFrame } from "../gateway/frames.ts";
 import {

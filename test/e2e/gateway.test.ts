@@ -3,8 +3,10 @@
  * throwaway storage), driven over real HTTP and real WebSockets from Node. Everything asserted
  * here is something a client of CONTRACT.md would notice.
  */
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
-import { type DevServer, startDevServer } from "../../scripts/lib/dev-server.ts";
+import { type DevServer, ROOT, startDevServer } from "../../scripts/lib/dev-server.ts";
 import type { GatewayClient } from "../../scripts/lib/gateway-client.ts";
 import { CloseCode, type Message, Op, type ReadyData } from "../../src/gateway/protocol.ts";
 import {
@@ -1043,6 +1045,26 @@ describe("guildwire with other settings", () => {
       expect((await api.tryPost(guild, user, "hello from production")).status).toBe(201);
       const expired = signToken(SECRET, { sub: user, role: "user", exp: Math.floor(Date.now() / 1000) - 60 });
       expectError(await api.request("GET", `/api/guilds/${guild}/messages`, { token: expired }), 401);
+    },
+    TEST_TIMEOUT,
+  );
+
+  it(
+    "npm run token signs, with AUTH_SECRET from the environment, tokens the production gateway accepts",
+    async () => {
+      const run = (args: string[], secret?: string) =>
+        promisify(execFile)("npm", ["run", "-s", "token", "--", ...args], { cwd: ROOT, env: { ...process.env, AUTH_SECRET: secret ?? "" } });
+      const [guild, user] = [uid("token-g"), uid("token-user")];
+      const admin = (await run(["--user", "ops", "--admin"], SECRET)).stdout.trim();
+      const member = await api.request("PUT", `/api/guilds/${guild}/members/${user}`, { token: admin });
+      expect(member.status, member.text).toBe(201);
+      const userToken = (await run(["--user", user, "--ttl", "600"], SECRET)).stdout.trim();
+      const { ready } = await clients.identified(userToken);
+      expect(ready.user_id).toBe(user);
+      expect(ready.guilds).toEqual([guild]);
+      // A user's token is not an admin's; without the secret there is no token at all.
+      expectError(await api.request("PUT", `/api/guilds/${guild}/members/other`, { token: userToken }), 403, "forbidden");
+      await expect(run(["--user", user])).rejects.toMatchObject({ code: 2, stderr: expect.stringMatching(/AUTH_SECRET must be set/) });
     },
     TEST_TIMEOUT,
   );

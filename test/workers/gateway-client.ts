@@ -1,6 +1,6 @@
 /** A WebSocket client inside workerd (SELF.fetch upgrade), recording every frame it receives. */
 import { SELF, env, runInDurableObject } from "cloudflare:test";
-import { signToken } from "../../src/api/auth.ts";
+import { signToken } from "../../src/api/tokens.ts";
 
 export interface Frame {
   op: number;

@@ -182,10 +182,11 @@ async function startOnce(options: DevServerOptions): Promise<DevServer> {
     // Nor after it could not bind a socket (it may keep running after that too).
     if (!running() || /Build failed|Address already in use/i.test(output)) break;
     try {
-      // Ready when the Worker itself answers (its JSON 404), not merely wrangler's proxy.
+      // Ready when the Worker itself answers (its JSON 404, or a 500 naming a setting it lacks),
+      // not merely wrangler's proxy.
       const response = await fetch(`${url}/__ready`, { signal: AbortSignal.timeout(2000) });
       const body = (await response.json().catch(() => null)) as { error?: { code?: string } } | null;
-      if (response.status === 404 && body?.error?.code === "not_found") {
+      if ((response.status === 404 && body?.error?.code === "not_found") || (response.status === 500 && body?.error?.code === "server_misconfigured")) {
         return { url, port, inspectorPort, process: child, output: () => output, stop };
       }
       await new Promise((r) => setTimeout(r, 250));

@@ -20,9 +20,11 @@ export async function handleRequest(request: Request, env: Env, ctx: ExecutionCo
     telemetry = telemetryFor("guildwire-api", env);
     // The objects refuse to start on a bad fanout, transport or tracing setting; name it here
     // (for `/gateway` too) instead of answering internal_error for every request they would serve.
+    // Without a usable AUTH_SECRET nothing can be served either.
     if (!checkedSettings.has(env)) {
       deliveryConfig(env);
       messageRetention(env);
+      requireSecret(env); // else /gateway would upgrade, then close every IDENTIFY 4004 as if the token were bad
       checkedSettings.add(env);
     }
   } catch (error) {

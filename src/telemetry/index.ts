@@ -176,6 +176,10 @@ export function parseEndpoint(value: string | undefined): string {
   if (url.username || url.password) {
     throw new Error("OTEL_EXPORTER_OTLP_ENDPOINT has credentials in it; send them with OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Basic%20…) instead");
   }
+  // Backends show the traces URL; as a base it would send spans to …/v1/traces/v1/traces, each refused.
+  if (/\/v1\/traces\/*$/.test(url.pathname)) {
+    throw new Error("OTEL_EXPORTER_OTLP_ENDPOINT ends in /v1/traces; give the base URL without it (spans go to {endpoint}/v1/traces)");
+  }
   return value;
 }
 

@@ -423,6 +423,8 @@ describe("a bad setting", () => {
     ["TRACE_SAMPLE_RATE", "2"],
     ["OTEL_EXPORTER_OTLP_TIMEOUT", "10s"],
     ["OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318"],
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example/otlp/v1/traces"],
+    ["AUTH_SECRET", ""],
     ["TRANSPORT_MODE", "wrapped"],
     ["FANOUT_SAMPLING", "100:2"],
     ["FANOUT_STRATEGY", "fast"],

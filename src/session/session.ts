@@ -305,8 +305,11 @@ export class Session extends DurableObject<Env> {
     try {
       handOff = await origin.takeOver({ requester: this.selfId, userId, seq: request.seq });
     } catch (error) {
+      // Not "unknown": the session may well be intact (its object resetting for a deploy, just
+      // as its clients resume), and op 9 would have the client start over and miss what was
+      // posted meanwhile. Had the hand-off gone through, the next RESUME gets op 9 anyway.
       console.warn("resume: the session's object could not be reached:", error);
-      handOff = { kind: "unknown" };
+      return this.close(ws, CloseCode.UNKNOWN_ERROR, "the session could not be reached; resume again");
     }
     if (handOff.kind === "seq_ahead") return this.close(ws, CloseCode.INVALID_SEQ, "seq is ahead of the session");
     if (handOff.kind === "wrong_user") return this.close(ws, CloseCode.AUTHENTICATION_FAILED, "session belongs to another user");

@@ -812,6 +812,30 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
     await client.waitFor(() => client.messageSeqs("join-later").length === 1, "the joined guild's message");
   });
 
+  it("a RESUME whose session object cannot be reached for a moment closes 4000, and the next RESUME gets what was posted meanwhile", async () => {
+    const { client, sessionId } = await sessionAfterFirstMessage("resume-origin-down", "rod-user");
+    client.ws.close(4000, "network dropped");
+    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    await post("resume-origin-down", "rod-user", "m2"); // kept by the disconnected session
+    // The session's object is being reset (a deploy) as the client resumes: the call fails unrun.
+    const restore = await patchMethod(sessionStub(sessionId), "takeOver", () => Promise.reject(new Error("Durable Object reset because its code was updated.")));
+    const first = await TestClient.connect();
+    try {
+      await first.waitFor(() => first.frames.find((f) => f.op === 10), "HELLO");
+      first.send({ op: 6, d: { token: await token("rod-user"), session_id: sessionId, seq: 2 } });
+      await first.waitFor(() => first.closed, "the close");
+    } finally {
+      restore();
+    }
+    expect(first.closed!.code).toBe(4000);
+    expect(first.frames.filter((f) => f.op === 9)).toEqual([]);
+    expect(await sessionStatus(sessionId)).toBe("disconnected");
+    const second = await TestClient.connect();
+    await second.resume("rod-user", sessionId, 2);
+    expect(second.dispatches().map((f) => [f.t, f.s])).toEqual([["MESSAGE_CREATE", 3], ["RESUMED", 4]]);
+    expect(second.messageSeqs()).toEqual([2]);
+  });
+
   it("a RESUME whose guild cannot be reached still resumes, and misses nothing of it once the guild is back", async () => {
     const { client, sessionId } = await sessionAfterFirstMessage("resume-broken", "rb-user");
     client.ws.close(4000, "network dropped");

@@ -105,7 +105,7 @@ function outcomeOf(): Outcome {
  */
 export class Session extends DurableObject<Env> {
   private readonly sql: SqlStorage;
-  private readonly buffer: ResumeBuffer;
+  private resumeBuffer: ResumeBuffer | undefined;
   private state: State;
   /**
    * Work that dispatches, hands the session over or ends it runs one task at a time, so dispatch
@@ -121,16 +121,21 @@ export class Session extends DurableObject<Env> {
     this.telemetry = telemetryFor("guildwire-session", env);
     this.traced = this.telemetry.handleOptions;
     this.sql = ctx.storage.sql;
-    this.sql.exec(`
-      CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0), data TEXT NOT NULL);
-    `);
-    this.buffer = new ResumeBuffer(this.sql);
-    const saved = this.sql.exec<{ data: string }>("SELECT data FROM state WHERE id = 0").toArray()[0];
+    // No tables are made here, only when a connection arrives (`fetch`): an ended session's
+    // object is wiped, and the late calls it still gets (a delivery, an expired RESUME, the user
+    // directory asking) would otherwise bring its storage back, with nothing left to delete it.
+    const stored = this.sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'state'").toArray().length > 0;
+    const saved = stored ? this.sql.exec<{ data: string }>("SELECT data FROM state WHERE id = 0").toArray()[0] : undefined;
     this.state = saved
       ? (JSON.parse(saved.data) as State)
       : { status: "connecting", sessionId: "", userId: "", s: 0, movedTo: "", heartbeatDeadline: 0, resumeDeadline: 0 };
     // Dispatches do not rewrite the state row; the buffer knows the last `s` they reached.
-    this.state.s = Math.max(this.state.s, this.buffer.lastSeq());
+    if (stored) this.state.s = Math.max(this.state.s, this.buffer.lastSeq());
+  }
+
+  /** The resume buffer, its tables made on first use: only a session that holds something gets there. */
+  private get buffer(): ResumeBuffer {
+    return (this.resumeBuffer ??= new ResumeBuffer(this.sql));
   }
 
   private get selfId(): string {
@@ -152,6 +157,7 @@ export class Session extends DurableObject<Env> {
     if (this.state.status !== "connecting" || this.ctx.getWebSockets().length > 0) {
       return new Response("session object already in use", { status: 409 });
     }
+    this.sql.exec("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0), data TEXT NOT NULL)");
     const { 0: client, 1: server } = new WebSocketPair();
     this.ctx.acceptWebSocket(server);
     this.send(server, { op: Op.HELLO, d: { heartbeat_interval: this.heartbeatInterval } });
@@ -730,15 +736,17 @@ export class Session extends DurableObject<Env> {
     const { sessionId, userId, owed } = this.state;
     // Owed guilds too: a subscribe that failed on its way back may have taken effect.
     const guildIds = new Set([...this.guildSeqs().map((position) => position.guildId), ...(owed?.guildIds ?? [])]);
-    this.setState({ status: "ended" });
     const ws = this.socket();
     if (ws) closeSocket(ws, CloseCode.NORMAL, "session ended");
+    // Forgotten before the calls, not after: a reset while they wait (a slow guild, a deploy)
+    // would leave the storage behind for good. Whoever misses a call here learns the session is
+    // gone from its next call to this object.
+    this.wipe();
     await Promise.allSettled([
       ...[...guildIds].map((id) => this.guild(id).unsubscribe(sessionId)),
       this.user(userId).detachSession(sessionId),
       ...(sessionId !== this.selfId ? [this.sessionStub(sessionId)?.release()] : []),
     ]);
-    this.wipe();
   }
 
   private wipe(): void {

@@ -553,7 +553,7 @@ describe("fanout to sessions that fail or have ended", () => {
     const first = await TestClient.connect();
     const sessionId = await first.identify("zombie-user");
     // The origin hands the session over, but the answer never reaches the object the client
-    // resumed on (the RPC's connection is lost, or a deploy resets that object): it answers op 9.
+    // resumed on (the RPC's connection is lost, or a deploy resets that object): it closes 4000.
     const restore = await patchMethod(sessionStub(sessionId), "takeOver", async (_self, original, args) => {
       await original(...args);
       throw new Error("Network connection lost.");
@@ -562,11 +562,17 @@ describe("fanout to sessions that fail or have ended", () => {
     try {
       await second.waitFor(() => second.frames.find((f) => f.op === 10), "HELLO");
       second.send({ op: 6, d: { token: await token("zombie-user"), session_id: sessionId, seq: 1 } });
-      await second.waitFor(() => second.frames.find((f) => f.op === 9), "INVALID_SESSION");
+      await second.waitFor(() => second.closed, "the close");
+      expect(second.closed!.code).toBe(4000);
     } finally {
       restore();
     }
     expect(await sessionStatus(sessionId)).toBe("moved"); // to an object that holds nothing
+    // Resumed again, as 4000 tells the client to: the session is nowhere now, so op 9.
+    const again = await TestClient.connect();
+    await again.waitFor(() => again.frames.find((f) => f.op === 10), "HELLO");
+    again.send({ op: 6, d: { token: await token("zombie-user"), session_id: sessionId, seq: 1 } });
+    await again.waitFor(() => again.frames.find((f) => f.op === 9), "INVALID_SESSION");
     // The client starts over, as op 9 tells it to, and later leaves for good.
     const third = await TestClient.connect();
     await third.identify("zombie-user");
@@ -596,6 +602,45 @@ describe("fanout to sessions that fail or have ended", () => {
     expect(status).toBe(201);
     await client.waitFor(() => client.dispatches("GUILD_CREATE")[0], "GUILD_CREATE");
     expect(await userSessions("old-version-user")).toEqual([sessionId]);
+  });
+});
+
+describe("an ended session's storage", () => {
+  /** What the session's object has stored: its tables, and whether an alarm is set. */
+  const storedBy = (sessionId: string) =>
+    runInDurableObject(sessionStub(sessionId), async (_session, state) => ({
+      tables: state.storage.sql.exec<{ name: string }>("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_%' ESCAPE '\\'").toArray().map((row) => row.name),
+      alarm: await state.storage.getAlarm(),
+    }));
+
+  it("is gone even if the object is reset while the session leaves its guilds", async () => {
+    const { client, sessionId } = await sessionAfterFirstMessage("end-reset", "er-user");
+    expect((await storedBy(sessionId)).tables.sort()).toEqual(["dispatch_runs", "guilds", "state"]);
+    let unsubscribing = 0;
+    const restore = await patchMethod(guildStub("end-reset"), "unsubscribe", () => (unsubscribing++, new Promise(() => undefined))); // a slow guild
+    try {
+      client.ws.close(1000, "bye");
+      await eventually(() => unsubscribing === 1, "the session to be leaving its guild");
+      await runInDurableObject(sessionStub(sessionId), (_session, state) => state.abort("deploy")).catch(() => undefined);
+    } finally {
+      restore();
+    }
+    expect(await storedBy(sessionId)).toEqual({ tables: [], alarm: null });
+  });
+
+  it("is not made again by late calls to the object: an expired RESUME, a delivery, the user directory asking", async () => {
+    const { client, sessionId } = await sessionAfterFirstMessage("end-late", "el-user");
+    client.ws.close(1000, "bye");
+    await eventually(async () => (await storedBy(sessionId)).tables.length === 0, "the session's storage to be deleted");
+    await evictDurableObject(sessionStub(sessionId));
+    const late = await TestClient.connect();
+    await late.waitFor(() => late.frames.find((f) => f.op === 10), "HELLO");
+    late.send({ op: 6, d: { token: await token("el-user"), session_id: sessionId, seq: 2 } });
+    await late.waitFor(() => late.frames.find((f) => f.op === 9), "op 9");
+    const event = { type: "MESSAGE_CREATE" as const, seq: 2, data: "{}" };
+    expect(await sessionStub(sessionId).deliver({ guildId: "end-late", events: [event] })).toEqual({ gone: true });
+    expect(await sessionStub(sessionId).isHeld()).toBe(false);
+    expect(await storedBy(sessionId)).toEqual({ tables: [], alarm: null });
   });
 });
 

@@ -884,7 +884,7 @@ describe("DropNotices", () => {
 });
 
 describe("ResumeBuffer", () => {
-  /** A fresh object's SQLite storage (a Session's: its tables are the buffer's). */
+  /** A fresh object's SQLite storage (a Session's, which has no tables until it holds a session). */
   const inFreshStorage = <R>(fn: (sql: SqlStorage) => R) =>
     runInDurableObject(env.SESSION.get(env.SESSION.newUniqueId()), (_instance, state) => fn(state.storage.sql));
   const dispatch = (s: number, guildId?: string, guildSeq?: number) => ({ s, frame: `{"s":${s}}`, guildId, guildSeq });
@@ -1003,7 +1003,7 @@ describe("ResumeBuffer", () => {
   it("upgrades buffers that kept a row per dispatch, with or without positions, keeping frames and positions", async () => {
     const result = await inFreshStorage((sql) => {
       const upgrade = (table: string, rows: string) => {
-        sql.exec(`DROP TABLE IF EXISTS dispatch_runs; DELETE FROM guilds; CREATE TABLE dispatches (${table}); INSERT INTO dispatches VALUES ${rows}`);
+        sql.exec(`DROP TABLE IF EXISTS dispatch_runs; DROP TABLE IF EXISTS guilds; CREATE TABLE guilds (guild_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL); CREATE TABLE dispatches (${table}); INSERT INTO dispatches VALUES ${rows}`);
         sql.exec("INSERT INTO guilds VALUES ('g', 7)");
         const buffer = new ResumeBuffer(sql);
         const positions = Object.fromEntries(buffer.positions());

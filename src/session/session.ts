@@ -778,7 +778,10 @@ export class Session extends DurableObject<Env> {
 
   private setState(patch: Partial<State>): void {
     this.state = { ...this.state, ...patch };
-    this.sql.exec("INSERT OR REPLACE INTO state (id, data) VALUES (0, ?)", JSON.stringify(this.state));
+    // `s` as far as the resume buffer has it: a dispatch numbered but not stored yet (a delivery
+    // waiting on a gap fill while the alarm writes) would, after a reset, leave a hole in `s`.
+    const stored = this.unsent.length === 0 ? this.state : { ...this.state, s: this.unsent[0]!.s - 1 };
+    this.sql.exec("INSERT OR REPLACE INTO state (id, data) VALUES (0, ?)", JSON.stringify(stored));
   }
 
   /** Last seq dispatched per subscribed guild: a cache of the resume buffer's positions. */

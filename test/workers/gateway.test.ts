@@ -644,6 +644,21 @@ describe("an ended session's storage", () => {
   });
 });
 
+describe("a reset between numbering a dispatch and storing it", () => {
+  it("leaves no hole in s: the state row never records a number the resume buffer does not hold", async () => {
+    const { client, sessionId } = await sessionAfterFirstMessage("s-hole", "sh-user"); // READY 1, MESSAGE_CREATE 2
+    await runInDurableObject(sessionStub(sessionId), (session: Session) => {
+      const internals = session as unknown as { queueDispatch(t: string, data: string): void; setState(patch: object): void };
+      internals.queueDispatch("MESSAGE_CREATE", "{}"); // numbered 3, not yet stored (as a delivery waiting on a gap fill)
+      internals.setState({}); // the state row written meanwhile (the alarm retrying an owed guild)
+    });
+    await evictDurableObject(sessionStub(sessionId), { webSockets: "hibernate" }); // number 3 is lost with the memory
+    await post("s-hole", "sh-user", "m2");
+    await client.waitFor(() => client.messageSeqs().length === 2, "m2");
+    expect(client.dispatches().map((f) => f.s)).toEqual([1, 2, 3]);
+  });
+});
+
 describe("made-up guild ids", () => {
   it("are answered 404 and leave no storage behind, until a first member creates the guild", async () => {
     const tables = (guildId: string) =>

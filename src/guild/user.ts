@@ -88,13 +88,19 @@ export class User extends DurableObject<Env> {
     return this.sql.exec<{ guild_id: string }>("SELECT guild_id FROM guilds ORDER BY guild_id").toArray().map((r) => r.guild_id);
   }
 
+  /**
+   * Sessions are told even when the row was there already: this may be the guild's retry of a
+   * call cut off (a reset) after the row was written and before every session was told. Telling
+   * twice is harmless, as a session checks with the guild.
+   */
   async addGuild(guildId: string): Promise<void> {
-    if (this.sql.exec("INSERT OR IGNORE INTO guilds (guild_id) VALUES (?)", guildId).rowsWritten === 0) return;
+    this.sql.exec("INSERT OR IGNORE INTO guilds (guild_id) VALUES (?)", guildId);
     await this.notifySessions(guildId, "added");
   }
 
+  /** As `addGuild`, told even when the row was gone already. */
   async removeGuild(guildId: string): Promise<void> {
-    if (this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId).rowsWritten === 0) return;
+    this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
     await this.notifySessions(guildId, "removed");
   }
 

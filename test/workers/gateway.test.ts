@@ -659,6 +659,30 @@ describe("a reset between numbering a dispatch and storing it", () => {
   });
 });
 
+describe("a membership change whose first telling was cut off", () => {
+  const userDirectorySql = (userId: string, statement: string) =>
+    runInDurableObject(env.USER.get(env.USER.idFromName(userId)), (_user, state) => void state.storage.sql.exec(statement));
+
+  it("reaches the user's live sessions when the guild tries again, though the user directory already had the change", async () => {
+    await addMember("cut-off-home", "co-user");
+    const client = await TestClient.connect();
+    await client.identify("co-user");
+    // A first PUT wrote the user directory's row, then a reset cut it off before any session was told.
+    await userDirectorySql("co-user", "INSERT INTO guilds (guild_id) VALUES ('cut-off')");
+    expect((await api("PUT", "/api/guilds/cut-off/members/co-user", "admin")).status).toBe(201); // the retry
+    await client.waitFor(() => client.dispatches("GUILD_CREATE")[0], "GUILD_CREATE");
+    // Told again by a repeat PUT (answered once the sessions were told), a session already in the guild shows nothing new.
+    expect((await api("PUT", "/api/guilds/cut-off/members/co-user", "admin")).status).toBe(200);
+    await post("cut-off", "co-user", "m1");
+    await client.waitFor(() => client.messageSeqs("cut-off").length === 1, "m1");
+    // The same for a removal: the directory's row went, no session heard.
+    await userDirectorySql("co-user", "DELETE FROM guilds WHERE guild_id = 'cut-off'");
+    expect((await api("DELETE", "/api/guilds/cut-off/members/co-user", "admin")).status).toBe(204);
+    await client.waitFor(() => client.dispatches("GUILD_DELETE")[0], "GUILD_DELETE");
+    expect(client.dispatches().map((f) => f.t)).toEqual(["READY", "GUILD_CREATE", "MESSAGE_CREATE", "GUILD_DELETE"]);
+  });
+});
+
 describe("made-up guild ids", () => {
   it("are answered 404 and leave no storage behind, until a first member creates the guild", async () => {
     const tables = (guildId: string) =>

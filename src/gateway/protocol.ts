@@ -64,7 +64,7 @@ export interface ReadyData {
 export type ServerFrame =
   | { op: typeof Op.DISPATCH; t: EventName; s: number; d: unknown }
   | { op: typeof Op.HELLO; d: { heartbeat_interval: number } }
-  | { op: typeof Op.HEARTBEAT_ACK; d?: null }
+  | { op: typeof Op.HEARTBEAT_ACK; d: null }
   | { op: typeof Op.HEARTBEAT; d: number | null }
   | { op: typeof Op.RECONNECT; d?: null }
   | { op: typeof Op.INVALID_SESSION; d: boolean };

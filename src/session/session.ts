@@ -187,7 +187,7 @@ export class Session extends DurableObject<Env> {
         // Kept with the socket, not in storage: a stored write and an alarm per heartbeat would
         // be most of what a quiet connection costs. The alarm catches up when it comes due.
         ws.serializeAttachment({ ...socketNotes(ws), heartbeatDeadline: Date.now() + this.heartbeatInterval * HEARTBEAT_TIMEOUT_FACTOR });
-        return this.send(ws, { op: Op.HEARTBEAT_ACK });
+        return this.send(ws, { op: Op.HEARTBEAT_ACK, d: null }); // every frame has its `d` (CONTRACT.md), as Discord's ACK does
       case Op.IDENTIFY:
       case Op.RESUME: {
         if (authenticated || this.handshaking) return this.close(ws, CloseCode.ALREADY_AUTHENTICATED, "already authenticated");

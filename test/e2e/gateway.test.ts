@@ -806,6 +806,7 @@ describe("guildwire over wrangler dev (development)", () => {
           const client = await clients.connect();
           client.send({ op: Op.HEARTBEAT, d: null });
           await client.waitFor(() => heartbeatAcks(client) === 1, 10_000, "ACK before IDENTIFY");
+          expect(client.frames.find((f) => f.op === Op.HEARTBEAT_ACK)).toEqual({ op: Op.HEARTBEAT_ACK, d: null }); // `d` as in every frame
           client.send({ op, d: op === 0 ? { hello: true } : null, ...(op === 0 ? { s: 1, t: "READY" } : {}) });
           return { op, client };
         }));

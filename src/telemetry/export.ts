@@ -22,6 +22,12 @@ export const MAX_SPANS_PER_EXPORT = 128;
  * requests) goes out 4 at a time, leaving room for the invocation's own fetches.
  */
 export const MAX_CONCURRENT_EXPORTS = 4;
+/**
+ * While exports keep going wrong, a queue logs the first warning at once and then at most one
+ * per this long, saying how many it held back: a collector that is down would otherwise log a
+ * line per export, which grows with traffic (every traced API request exports).
+ */
+export const EXPORT_WARNING_INTERVAL_MS = 30_000;
 
 /**
  * Ended spans of one service waiting for export, shared by that service's objects in an isolate
@@ -37,6 +43,9 @@ export const MAX_CONCURRENT_EXPORTS = 4;
 export class SpanExportQueue {
   private pending: ReadableSpan[] = [];
   private dropped = 0;
+  /** When the last warning was logged (0: none since exports last went through), and how many since were held back. */
+  private warnedAt = 0;
+  private warningsHeldBack = 0;
   /** When the oldest span waiting was queued (Date.now()); 0 when none waits. */
   private oldestQueuedAt = 0;
 
@@ -67,7 +76,7 @@ export class SpanExportQueue {
       const drop = MAX_PENDING_SPANS / 10;
       this.pending.splice(0, drop);
       this.dropped += drop;
-      console.warn(`trace export is falling behind: dropped the oldest ${drop} waiting spans (${this.dropped} so far)`);
+      this.warn(`trace export is falling behind: dropped the oldest ${drop} waiting spans (${this.dropped} so far)`);
     }
     this.pending.push(span);
   }
@@ -100,7 +109,7 @@ export class SpanExportQueue {
           const left = spans.length - next;
           next = spans.length;
           this.dropped += left;
-          console.warn(`trace export ran out of time: dropped ${left} spans (${this.dropped} so far)`);
+          this.warn(`trace export ran out of time: dropped ${left} spans (${this.dropped} so far)`);
           return;
         }
         const from = next;
@@ -112,10 +121,32 @@ export class SpanExportQueue {
     await Promise.all(Array.from({ length: Math.min(MAX_CONCURRENT_EXPORTS, requests) }, sendInTurn));
   }
 
+  /** Logs `message` unless a warning went out less than EXPORT_WARNING_INTERVAL_MS ago with no export through since. */
+  private warn(message: string, ...details: unknown[]): void {
+    const now = Date.now();
+    if (this.warnedAt !== 0 && now - this.warnedAt < EXPORT_WARNING_INTERVAL_MS) {
+      this.warningsHeldBack++;
+      return;
+    }
+    const heldBack = this.warningsHeldBack > 0 ? ` [${this.warningsHeldBack} more trace export warnings held back since the last]` : "";
+    console.warn(message + heldBack, ...details);
+    this.warnedAt = now;
+    this.warningsHeldBack = 0;
+  }
+
+  /** An export went through: the next warning is logged at once, and any held back are counted now. */
+  private exportWentThrough(): void {
+    if (this.warnedAt === 0) return;
+    if (this.warningsHeldBack > 0) console.warn(`trace export works again [${this.warningsHeldBack} more trace export warnings held back since the last]`);
+    this.warnedAt = 0;
+    this.warningsHeldBack = 0;
+  }
+
   private export(spans: ReadableSpan[]): Promise<void> {
     return new Promise((resolve) => {
       const done = (error: unknown) => {
-        if (error !== undefined) console.warn(`trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, error);
+        if (error !== undefined) this.warn(`trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, error);
+        else this.exportWentThrough();
         resolve();
       };
       try {

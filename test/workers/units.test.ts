@@ -20,7 +20,7 @@ import { Fanout, type Recipient } from "../../src/guild/fanout.ts";
 import { Timings } from "../../src/guild/timings.ts";
 import { ResumeBuffer } from "../../src/session/resume-buffer.ts";
 import type { Session } from "../../src/session/session.ts";
-import { SpanExportQueue } from "../../src/telemetry/export.ts";
+import { EXPORT_WARNING_INTERVAL_MS, SpanExportQueue } from "../../src/telemetry/export.ts";
 import { EXPORT_DELAY_MS, type SpanRecord, Telemetry, exportTimeout, parseEndpoint, parseHeaders } from "../../src/telemetry/index.ts";
 import { fromSpanRecord, toSpanRecord } from "../../src/telemetry/span-record.ts";
 import { SampledTracer } from "../../src/telemetry/tracer.ts";
@@ -611,6 +611,38 @@ describe("span export batching", () => {
     });
     for (const span of spans(300)) throwing.push(span);
     await expect(throwing.flush()).resolves.toBeUndefined();
+  });
+
+  it("while exports keep failing, warns at once, then once per 30 s with how many it held back; once one goes through, at once again", async () => {
+    const { spans } = setup();
+    const clock = frozenClock(7_000_000);
+    const warnings: string[] = [];
+    vi.spyOn(console, "warn").mockImplementation((message: string) => void warnings.push(message));
+    let failing = true;
+    const queue = new SpanExportQueue({
+      export: (_batch, done) => done(failing ? { code: ExportResultCode.FAILED, error: new Error("collector answered 503") } : { code: ExportResultCode.SUCCESS }),
+      shutdown: async () => {},
+    });
+    const exportOne = async () => {
+      for (const span of spans(1)) queue.push(span);
+      await queue.flush();
+    };
+    for (let i = 0; i < 10; i++) await exportOne();
+    expect(warnings).toEqual([expect.stringMatching(/^trace export of 1 spans failed/)]);
+    clock.now += EXPORT_WARNING_INTERVAL_MS - 1;
+    await exportOne();
+    expect(warnings).toHaveLength(1);
+    clock.now += 1;
+    await exportOne();
+    expect(warnings[1]).toMatch(/^trace export of 1 spans failed .*\[10 more trace export warnings held back since the last\]$/);
+    await exportOne(); // held back
+    failing = false;
+    await exportOne();
+    expect(warnings[2]).toBe("trace export works again [1 more trace export warnings held back since the last]");
+    failing = true;
+    await exportOne();
+    expect(warnings).toHaveLength(4);
+    expect(warnings[3]).toMatch(/^trace export of 1 spans failed \(0 dropped so far\):$/);
   });
 
   it("a guild whose fanout is sending leaves its spans for the idle hook, unless a request's worth waits or the oldest waited a second", async () => {

@@ -88,50 +88,55 @@ export class User extends DurableObject<Env> {
     return this.sql.exec<{ guild_id: string }>("SELECT guild_id FROM guilds ORDER BY guild_id").toArray().map((r) => r.guild_id);
   }
 
-  /**
-   * Sessions are told even when the row was there already: this may be the guild's retry of a
-   * call cut off (a reset) after the row was written and before every session was told. Telling
-   * twice is harmless, as a session checks with the guild.
-   */
   async addGuild(guildId: string): Promise<void> {
-    this.sql.exec("INSERT OR IGNORE INTO guilds (guild_id) VALUES (?)", guildId);
+    if (this.sql.exec("INSERT OR IGNORE INTO guilds (guild_id) VALUES (?)", guildId).rowsWritten === 0) return;
     await this.notifySessions(guildId, "added");
   }
 
-  /** As `addGuild`, told even when the row was gone already. */
   async removeGuild(guildId: string): Promise<void> {
-    this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId);
+    if (this.sql.exec("DELETE FROM guilds WHERE guild_id = ?", guildId).rowsWritten === 0) return;
     await this.notifySessions(guildId, "removed");
   }
 
   /**
-   * Tells every live session. One that answers it has ended is forgotten. One that cannot be
-   * reached keeps a pending notice, tried again from this object's alarm (1 s, then every 3 s)
-   * without holding up the change, and is forgotten only if it stays unreachable for
-   * `FORGET_AFTER_MS`: forgetting a live session at the first error would leave it out of every
-   * later membership change. A newer change to the same guild replaces a pending one, so a late
-   * removal cannot undo a later addition.
+   * Tells every live session. The notice is owed to each, with an alarm set, in the same write as
+   * the change and before anyone is told: a reset while telling leaves them owed and the alarm
+   * tells them (the guild's retry of the change finds it made and does nothing). One told, or
+   * ended (forgotten), is owed nothing more. One that cannot be reached stays owed, tried again
+   * from the alarm (1 s, then every 3 s) without holding up the change, and is forgotten only if
+   * it stays unreachable for `FORGET_AFTER_MS`: forgetting a live session at the first error
+   * would leave it out of every later membership change. A newer change to the same guild
+   * replaces a pending one, so a late removal cannot undo a later addition.
    */
   private async notifySessions(guildId: string, change: Change): Promise<void> {
     const sessions = this.sql.exec<{ session_id: string; target: string }>("SELECT session_id, target FROM sessions").toArray();
+    if (sessions.length === 0) return;
+    const since = Date.now();
+    for (const { session_id, target } of sessions) {
+      this.sql.exec(
+        "INSERT OR REPLACE INTO pending_notices (target, guild_id, session_id, change, owed_since) VALUES (?, ?, ?, ?, ?)",
+        target,
+        guildId,
+        session_id,
+        change,
+        since,
+      );
+    }
+    // If setting the alarm fails, the notices wait for the next change's alarm (logged, not thrown).
+    this.ctx.storage.setAlarm(since + FIRST_RETRY_MS).catch((error: unknown) => console.error("user directory: setting the alarm failed:", error));
     await Promise.all(
       sessions.map(async ({ session_id, target }) => {
-        this.sql.exec("DELETE FROM pending_notices WHERE target = ? AND guild_id = ?", target, guildId); // superseded
         const answer = await this.tell(target, guildId, change);
+        if (answer === "unreachable") return;
+        this.settleNotice(target, guildId, change, since);
         if (answer === "gone") this.forget(session_id, target);
-        if (answer !== "unreachable") return;
-        this.sql.exec(
-          "INSERT OR REPLACE INTO pending_notices (target, guild_id, session_id, change, owed_since) VALUES (?, ?, ?, ?, ?)",
-          target,
-          guildId,
-          session_id,
-          change,
-          Date.now(),
-        );
-        // If setting the alarm fails, the notice waits for the next change's alarm (logged, not thrown).
-        this.ctx.storage.setAlarm(Date.now() + FIRST_RETRY_MS).catch((error: unknown) => console.error("user directory: setting the alarm failed:", error));
       }),
     );
+  }
+
+  /** A notice is no longer owed, unless a newer change replaced it meanwhile. */
+  private settleNotice(target: string, guildId: string, change: Change, since: number): void {
+    this.sql.exec("DELETE FROM pending_notices WHERE target = ? AND guild_id = ? AND change = ? AND owed_since = ?", target, guildId, change, since);
   }
 
   /** Tries every pending notice once; keeps an alarm while any is left. */
@@ -144,7 +149,7 @@ export class User extends DurableObject<Env> {
         const answer = await this.tell(target, guild_id, change);
         if (answer === "unreachable" && Date.now() - owed_since < FORGET_AFTER_MS) return;
         // Told, ended, or unreachable for too long (ended without detaching, most likely).
-        this.sql.exec("DELETE FROM pending_notices WHERE target = ? AND guild_id = ? AND change = ?", target, guild_id, change);
+        this.settleNotice(target, guild_id, change, owed_since);
         if (answer === "told") return;
         if (answer === "unreachable") console.warn(`user directory: forgetting session ${session_id}, unreachable since ${new Date(owed_since).toISOString()}`);
         this.forget(session_id, target);

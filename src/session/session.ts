@@ -79,6 +79,8 @@ const ENDS_SESSION = (code: number) => code === CloseCode.NORMAL || code === Clo
 /** A guild whose subscribe failed is tried again after 1 s, then twice as long each time, up to 30 s. */
 const OWED_FIRST_RETRY_MS = 1000;
 const OWED_MAX_RETRY_MS = 30_000;
+/** How often a session's first object, once it was resumed elsewhere, asks whether the session is still held. */
+const HOLDER_CHECK_MS = 60 * 60 * 1000;
 
 /** How a delivery ended, for the spans of its sampled events. */
 interface Outcome {
@@ -226,10 +228,14 @@ export class Session extends DurableObject<Env> {
     await this.disconnected(CloseCode.UNKNOWN_ERROR);
   }
 
-  /** Heartbeat deadline while connected, resume deadline while disconnected; owed guilds' retry. */
+  /**
+   * Heartbeat deadline while connected, resume deadline while disconnected; owed guilds' retry;
+   * where the session started and was resumed elsewhere, whether its holder still holds it.
+   */
   override async alarm(): Promise<void> {
     const now = Date.now();
     const { status, owed } = this.state;
+    if (status === "moved") return this.checkHolder();
     if ((status === "connecting" || status === "ready") && now >= this.heartbeatDeadline()) {
       const ws = this.socket();
       if (ws) return this.close(ws, CloseCode.SESSION_TIMED_OUT, "no heartbeat received in time");
@@ -349,9 +355,24 @@ export class Session extends DurableObject<Env> {
       const holder = this.sessionStub(this.state.movedTo);
       const handOff = holder ? await holder.handOff(request) : ({ kind: "unknown" } as const);
       if (handOff.kind === "ok") this.setState({ movedTo: request.requester });
+      // "unknown" also answers a seq older than the holder keeps: the pointer goes only with the session.
+      if (handOff.kind === "unknown") await this.checkHolder();
       return handOff;
     }
     return this.handOff(request);
+  }
+
+  /**
+   * The pointer kept where a session started goes when no one holds the session any more. Its
+   * last holder says so (`release`) as it ends, but that call can be lost (a reset while the
+   * holder ended), so the pointer also asks, now and then; an unreachable holder may still hold it.
+   */
+  private async checkHolder(): Promise<void> {
+    const holder = this.sessionStub(this.state.movedTo);
+    const held = holder ? await holder.isHeld().catch(() => true) : false;
+    if (this.state.status !== "moved") return; // released meanwhile
+    if (!held) return this.wipe();
+    this.scheduleAlarm();
   }
 
   /** Gives the session (state, guild positions, unacknowledged dispatches) to `requester`. */
@@ -372,6 +393,7 @@ export class Session extends DurableObject<Env> {
         this.buffer.clear();
         this.positions = null;
         this.setState({ status: "moved", movedTo: request.requester, owed: undefined }); // the new holder subscribes them
+        this.scheduleAlarm(); // to ask, now and then, whether the session is still held
       } else {
         this.wipe();
       }
@@ -751,6 +773,10 @@ export class Session extends DurableObject<Env> {
 
   private wipe(): void {
     this.state = { ...this.state, status: "ended" };
+    // Nothing of it may be written back into the deleted storage (a later hand-off flushes first).
+    this.unsent = [];
+    this.positions = null;
+    this.resumeBuffer = undefined;
     void this.ctx.storage.deleteAlarm();
     void this.ctx.storage.deleteAll();
   }
@@ -771,7 +797,9 @@ export class Session extends DurableObject<Env> {
           ? Math.min(heartbeatDeadline, this.handshaking ? Infinity : (this.state.identifyDeadline ?? Infinity))
           : status === "ready"
             ? heartbeatDeadline
-            : 0;
+            : status === "moved"
+              ? Date.now() + HOLDER_CHECK_MS
+              : 0;
     const at = owed && HOLDING.has(status) ? Math.min(owed.retryAt, deadline || Infinity) : deadline;
     if (at > 0) void this.ctx.storage.setAlarm(at);
   }

@@ -628,6 +628,32 @@ describe("an ended session's storage", () => {
     expect(await storedBy(sessionId)).toEqual({ tables: [], alarm: null });
   });
 
+  it("is gone where the session started too, once it was resumed elsewhere and its last holder's word was lost", async () => {
+    const { client, sessionId } = await sessionAfterFirstMessage("end-moved", "em-user");
+    client.ws.close(4000, "network dropped");
+    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    const holder = await TestClient.connect();
+    await holder.resume("em-user", sessionId, 2);
+    expect(await sessionStatus(sessionId)).toBe("moved");
+    // While the holder holds it, the pointer stays (later resumes find the session through it) and asks again later.
+    expect(await runDurableObjectAlarm(sessionStub(sessionId))).toBe(true);
+    expect(await sessionStatus(sessionId)).toBe("moved");
+    expect((await storedBy(sessionId)).alarm).toBeGreaterThan(Date.now() + 30 * 60_000);
+    // The holder ends the session, and the "release" to the first object is lost (a reset, say).
+    let releasing = 0;
+    const lost = await patchMethod(sessionStub(sessionId), "release", () => (releasing++, Promise.reject(new Error("Network connection lost."))));
+    try {
+      holder.ws.close(1000, "bye");
+      await eventually(() => releasing === 1, "the holder to tell the first object");
+    } finally {
+      lost();
+    }
+    expect(await sessionStatus(sessionId)).toBe("moved");
+    // Its alarm asks the holder, which holds nothing: the pointer and its storage go.
+    expect(await runDurableObjectAlarm(sessionStub(sessionId))).toBe(true);
+    expect(await storedBy(sessionId)).toEqual({ tables: [], alarm: null });
+  });
+
   it("is not made again by late calls to the object: an expired RESUME, a delivery, the user directory asking", async () => {
     const { client, sessionId } = await sessionAfterFirstMessage("end-late", "el-user");
     client.ws.close(1000, "bye");

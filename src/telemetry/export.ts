@@ -23,9 +23,10 @@ export const MAX_SPANS_PER_EXPORT = 128;
  */
 export const MAX_CONCURRENT_EXPORTS = 4;
 /**
- * While exports keep going wrong, a queue logs the first warning at once and then at most one
- * per this long, saying how many it held back: a collector that is down would otherwise log a
- * line per export, which grows with traffic (every traced API request exports).
+ * While exports keep going wrong, a queue logs a warning of a new kind at once and then at most
+ * one per this long, saying how many it held back: a collector that is down (or failing every
+ * other request) would otherwise log a line per export, which grows with traffic (every traced
+ * API request exports). "Works again" comes once a whole interval has passed without a failure.
  */
 export const EXPORT_WARNING_INTERVAL_MS = 30_000;
 
@@ -43,9 +44,10 @@ export const EXPORT_WARNING_INTERVAL_MS = 30_000;
 export class SpanExportQueue {
   private pending: ReadableSpan[] = [];
   private dropped = 0;
-  /** When the last warning was logged (0: none since exports last went through), and how many since were held back. */
-  private warnedAt = 0;
+  /** When a warning of each kind was last logged (none since exports were last found working), and how many were held back since. */
+  private readonly warnedAt = new Map<string, number>();
   private warningsHeldBack = 0;
+  private lastFailureAt = 0;
   /** When the oldest span waiting was queued (Date.now()); 0 when none waits. */
   private oldestQueuedAt = 0;
 
@@ -76,7 +78,7 @@ export class SpanExportQueue {
       const drop = MAX_PENDING_SPANS / 10;
       this.pending.splice(0, drop);
       this.dropped += drop;
-      this.warn(`trace export is falling behind: dropped the oldest ${drop} waiting spans (${this.dropped} so far)`);
+      this.warn("falling behind", `trace export is falling behind: dropped the oldest ${drop} waiting spans (${this.dropped} so far)`);
     }
     this.pending.push(span);
   }
@@ -109,7 +111,7 @@ export class SpanExportQueue {
           const left = spans.length - next;
           next = spans.length;
           this.dropped += left;
-          this.warn(`trace export ran out of time: dropped ${left} spans (${this.dropped} so far)`);
+          this.warn("out of time", `trace export ran out of time: dropped ${left} spans (${this.dropped} so far)`);
           return;
         }
         const from = next;
@@ -121,31 +123,37 @@ export class SpanExportQueue {
     await Promise.all(Array.from({ length: Math.min(MAX_CONCURRENT_EXPORTS, requests) }, sendInTurn));
   }
 
-  /** Logs `message` unless a warning went out less than EXPORT_WARNING_INTERVAL_MS ago with no export through since. */
-  private warn(message: string, ...details: unknown[]): void {
+  /** Logs `message` unless one of the same `kind` went out less than EXPORT_WARNING_INTERVAL_MS ago. */
+  private warn(kind: string, message: string, ...details: unknown[]): void {
     const now = Date.now();
-    if (this.warnedAt !== 0 && now - this.warnedAt < EXPORT_WARNING_INTERVAL_MS) {
+    this.lastFailureAt = now;
+    if (now - (this.warnedAt.get(kind) ?? -Infinity) < EXPORT_WARNING_INTERVAL_MS) {
       this.warningsHeldBack++;
       return;
     }
-    const heldBack = this.warningsHeldBack > 0 ? ` [${this.warningsHeldBack} more trace export warnings held back since the last]` : "";
-    console.warn(message + heldBack, ...details);
-    this.warnedAt = now;
-    this.warningsHeldBack = 0;
+    console.warn(message + this.heldBackNote(), ...details);
+    if (this.warnedAt.size >= 32) this.warnedAt.clear(); // errors of ever new wording must not grow it
+    this.warnedAt.set(kind, now);
   }
 
-  /** An export went through: the next warning is logged at once, and any held back are counted now. */
+  /** An export went through: after a whole interval without a failure, say so (once). */
   private exportWentThrough(): void {
-    if (this.warnedAt === 0) return;
-    if (this.warningsHeldBack > 0) console.warn(`trace export works again [${this.warningsHeldBack} more trace export warnings held back since the last]`);
-    this.warnedAt = 0;
+    if (this.warnedAt.size === 0 || Date.now() - this.lastFailureAt < EXPORT_WARNING_INTERVAL_MS) return;
+    console.warn(`trace export works again${this.heldBackNote()}`);
+    this.warnedAt.clear();
+  }
+
+  /** How many warnings were held back since the last logged (and counts them as told). */
+  private heldBackNote(): string {
+    const note = this.warningsHeldBack > 0 ? ` [${this.warningsHeldBack} more trace export warnings held back since the last]` : "";
     this.warningsHeldBack = 0;
+    return note;
   }
 
   private export(spans: ReadableSpan[]): Promise<void> {
     return new Promise((resolve) => {
       const done = (error: unknown) => {
-        if (error !== undefined) this.warn(`trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, error);
+        if (error !== undefined) this.warn(`failed: ${String(error)}`, `trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, error);
         else this.exportWentThrough();
         resolve();
       };

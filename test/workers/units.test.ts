@@ -613,14 +613,14 @@ describe("span export batching", () => {
     await expect(throwing.flush()).resolves.toBeUndefined();
   });
 
-  it("while exports keep failing, warns at once, then once per 30 s with how many it held back; once one goes through, at once again", async () => {
+  it("while exports go wrong, warns of each kind at once, then once per 30 s with how many it held back; works again only after 30 s without a failure", async () => {
     const { spans } = setup();
     const clock = frozenClock(7_000_000);
     const warnings: string[] = [];
     vi.spyOn(console, "warn").mockImplementation((message: string) => void warnings.push(message));
-    let failing = true;
+    let answer: Error | undefined = new Error("collector answered 503");
     const queue = new SpanExportQueue({
-      export: (_batch, done) => done(failing ? { code: ExportResultCode.FAILED, error: new Error("collector answered 503") } : { code: ExportResultCode.SUCCESS }),
+      export: (_batch, done) => done(answer ? { code: ExportResultCode.FAILED, error: answer } : { code: ExportResultCode.SUCCESS }),
       shutdown: async () => {},
     });
     const exportOne = async () => {
@@ -628,21 +628,36 @@ describe("span export batching", () => {
       await queue.flush();
     };
     for (let i = 0; i < 10; i++) await exportOne();
-    expect(warnings).toEqual([expect.stringMatching(/^trace export of 1 spans failed/)]);
+    expect(warnings).toEqual([expect.stringMatching(/^trace export of 1 spans failed \(0 dropped so far\):$/)]);
+    // A collector failing every other request: still held back, and not "working again".
+    for (let i = 0; i < 10; i++) {
+      answer = i % 2 ? new Error("collector answered 503") : undefined;
+      clock.now += 1_000;
+      await exportOne();
+    }
+    expect(warnings).toHaveLength(1);
+    // A new kind of failure is news: at once, with the count held back so far (9 + 5).
+    answer = new Error("no answer within 10000 ms");
+    await exportOne();
+    expect(warnings[1]).toMatch(/^trace export of 1 spans failed .*\[14 more trace export warnings held back since the last\]$/);
+    // The first kind again, 30 s after it was logged.
+    answer = new Error("collector answered 503");
+    clock.now += EXPORT_WARNING_INTERVAL_MS - 10_000;
+    await exportOne();
+    expect(warnings).toHaveLength(3);
+    // Through again: said once a whole interval has gone by without a failure, then at once again.
+    answer = undefined;
+    await exportOne();
     clock.now += EXPORT_WARNING_INTERVAL_MS - 1;
     await exportOne();
-    expect(warnings).toHaveLength(1);
+    expect(warnings).toHaveLength(3);
     clock.now += 1;
     await exportOne();
-    expect(warnings[1]).toMatch(/^trace export of 1 spans failed .*\[10 more trace export warnings held back since the last\]$/);
-    await exportOne(); // held back
-    failing = false;
     await exportOne();
-    expect(warnings[2]).toBe("trace export works again [1 more trace export warnings held back since the last]");
-    failing = true;
+    expect(warnings.slice(3)).toEqual(["trace export works again"]);
+    answer = new Error("collector answered 503");
     await exportOne();
-    expect(warnings).toHaveLength(4);
-    expect(warnings[3]).toMatch(/^trace export of 1 spans failed \(0 dropped so far\):$/);
+    expect(warnings).toHaveLength(5);
   });
 
   it("a guild whose fanout is sending leaves its spans for the idle hook, unless a request's worth waits or the oldest waited a second", async () => {

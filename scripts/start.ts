@@ -15,15 +15,15 @@ const BIN = join(ROOT, "node_modules/.bin");
 /** `wrangler dev` arguments: our defaults unless the user gave that option (as `--opt v` or `--opt=v`). */
 function wranglerArgs(extra: string[]): string[] {
   const given = (name: string): boolean => extra.some((arg) => arg === name || arg.startsWith(`${name}=`));
-  const args = ["dev"];
-  if (!given("--ip")) args.push("--ip", "127.0.0.1");
-  if (!given("--port")) args.push("--port", "8787");
-  // Development mode comes from here, not .dev.vars (see DEVELOPMENT_VARS). The user's own
-  // `--var NAME:…` wins: given twice, wrangler would take neither value.
-  const givenVar = (name: string): boolean =>
-    extra.some((arg, i) => arg.startsWith(`--var=${name}:`) || (arg.startsWith(`${name}:`) && extra[i - 1] === "--var"));
-  for (const [name, value] of Object.entries(DEVELOPMENT_VARS)) if (!givenVar(name)) args.push("--var", `${name}:${value}`);
-  return [...args, ...extra];
+  const defaults: string[] = [];
+  if (!given("--ip")) defaults.push("--ip", "127.0.0.1");
+  if (!given("--port")) defaults.push("--port", "8787");
+  // Development mode comes from here, not .dev.vars (see DEVELOPMENT_VARS), unless the user set
+  // the variable. After the user's arguments: `--var` takes every value that follows it, so a
+  // positional argument (an entry point) placed after it would be read as a variable.
+  const givenVar = (name: string): boolean => extra.some((arg) => arg.startsWith(`--var=${name}:`) || arg.startsWith(`${name}:`));
+  for (const [name, value] of Object.entries(DEVELOPMENT_VARS)) if (!givenVar(name)) defaults.push(`--var=${name}:${value}`);
+  return ["dev", ...extra, ...defaults];
 }
 
 async function startCollectorIfFree(): Promise<Collector | null> {

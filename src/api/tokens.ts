@@ -80,3 +80,10 @@ export async function verifyToken(secret: string, token: unknown, now = Date.now
   if (exp * 1000 <= now) return null;
   return { sub, role, exp };
 }
+
+/**
+ * The secret `.dev.vars` ships with (public: it is in the repository). Refused outside
+ * development (auth.ts), in case `.dev.vars` is uploaded (`wrangler secret bulk .dev.vars`):
+ * anyone could sign admin tokens with it. (Development mode itself is not in that file.)
+ */
+export const DEVELOPMENT_SECRET = "guildwire-development-only-secret-do-not-deploy";

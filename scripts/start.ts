@@ -21,9 +21,14 @@ function wranglerArgs(extra: string[]): string[] {
   // Development mode comes from here, not .dev.vars (see DEVELOPMENT_VARS), unless the user set
   // the variable. After the user's arguments: `--var` takes every value that follows it, so a
   // positional argument (an entry point) placed after it would be read as a variable.
-  const givenVar = (name: string): boolean => extra.some((arg) => arg.startsWith(`--var=${name}:`) || arg.startsWith(`${name}:`));
+  // A value of `--var` is any argument after it up to the next option.
+  const ofVar = (i: number): boolean => extra.slice(0, i).findLast((arg) => arg.startsWith("-")) === "--var";
+  const givenVar = (name: string): boolean =>
+    extra.some((arg, i) => arg.startsWith(`--var=${name}:`) || (arg.startsWith(`${name}:`) && ofVar(i)));
   for (const [name, value] of Object.entries(DEVELOPMENT_VARS)) if (!givenVar(name)) defaults.push(`--var=${name}:${value}`);
-  return ["dev", ...extra, ...defaults];
+  // Options, so before any `--` of the user's (after which everything is positional).
+  const end = extra.includes("--") ? extra.indexOf("--") : extra.length;
+  return ["dev", ...extra.slice(0, end), ...defaults, ...extra.slice(end)];
 }
 
 async function startCollectorIfFree(): Promise<Collector | null> {

@@ -111,7 +111,10 @@ export class User extends DurableObject<Env> {
   private async notifySessions(guildId: string, change: Change): Promise<void> {
     const sessions = this.sql.exec<{ session_id: string; target: string }>("SELECT session_id, target FROM sessions").toArray();
     if (sessions.length === 0) return;
-    const since = Date.now();
+    // Strictly increasing, so a notice settles only itself, never a newer change of the same millisecond.
+    const since = (this.lastOwedSince = Math.max(Date.now(), this.lastOwedSince + 1));
+    // Whatever is owed already has its alarm coming (moving it later would hold back their retries).
+    const alarmComing = this.sql.exec("SELECT 1 FROM pending_notices LIMIT 1").toArray().length > 0;
     for (const { session_id, target } of sessions) {
       this.sql.exec(
         "INSERT OR REPLACE INTO pending_notices (target, guild_id, session_id, change, owed_since) VALUES (?, ?, ?, ?, ?)",
@@ -123,7 +126,8 @@ export class User extends DurableObject<Env> {
       );
     }
     // If setting the alarm fails, the notices wait for the next change's alarm (logged, not thrown).
-    this.ctx.storage.setAlarm(since + FIRST_RETRY_MS).catch((error: unknown) => console.error("user directory: setting the alarm failed:", error));
+    const fail = (error: unknown) => console.error("user directory: setting the alarm failed:", error);
+    if (!alarmComing) this.ctx.storage.setAlarm(since + FIRST_RETRY_MS).catch(fail);
     await Promise.all(
       sessions.map(async ({ session_id, target }) => {
         const answer = await this.tell(target, guildId, change);
@@ -132,7 +136,12 @@ export class User extends DurableObject<Env> {
         if (answer === "gone") this.forget(session_id, target);
       }),
     );
+    // Every session told: no wake-up needed.
+    if (this.sql.exec("SELECT 1 FROM pending_notices LIMIT 1").toArray().length === 0) this.ctx.storage.deleteAlarm().catch(fail);
   }
+
+  /** `owed_since` of the last notices owed (see notifySessions). */
+  private lastOwedSince = 0;
 
   /** A notice is no longer owed, unless a newer change replaced it meanwhile. */
   private settleNotice(target: string, guildId: string, change: Change, since: number): void {

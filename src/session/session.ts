@@ -235,7 +235,7 @@ export class Session extends DurableObject<Env> {
   override async alarm(): Promise<void> {
     const now = Date.now();
     const { status, owed } = this.state;
-    if (status === "moved") return this.checkHolder();
+    if (status === "moved") return this.enqueue(() => this.checkHolder());
     if ((status === "connecting" || status === "ready") && now >= this.heartbeatDeadline()) {
       const ws = this.socket();
       if (ws) return this.close(ws, CloseCode.SESSION_TIMED_OUT, "no heartbeat received in time");
@@ -351,26 +351,30 @@ export class Session extends DurableObject<Env> {
 
   /** Called on the object where a session started, by the object a client resumes on. */
   async takeOver(request: HandOffRequest): Promise<HandOff> {
-    if (this.state.status === "moved") {
+    if (this.state.status !== "moved") return this.handOff(request);
+    // A task, so that two RESUMEs at once, the pointer's check and a release take turns: one
+    // asking the holder while another's hand-off is on its way back would find no one there.
+    return this.enqueue(async (): Promise<HandOff> => {
+      if (this.state.status !== "moved") return { kind: "unknown" }; // released meanwhile
       const holder = this.sessionStub(this.state.movedTo);
       const handOff = holder ? await holder.handOff(request) : ({ kind: "unknown" } as const);
       if (handOff.kind === "ok") this.setState({ movedTo: request.requester });
       // "unknown" also answers a seq older than the holder keeps: the pointer goes only with the session.
       if (handOff.kind === "unknown") await this.checkHolder();
       return handOff;
-    }
-    return this.handOff(request);
+    });
   }
 
   /**
    * The pointer kept where a session started goes when no one holds the session any more. Its
    * last holder says so (`release`) as it ends, but that call can be lost (a reset while the
-   * holder ended), so the pointer also asks, now and then; an unreachable holder may still hold it.
+   * holder ended), so the pointer also asks, now and then; an unreachable holder may still hold
+   * it. Runs as a task.
    */
   private async checkHolder(): Promise<void> {
+    if (this.state.status !== "moved") return; // released meanwhile
     const holder = this.sessionStub(this.state.movedTo);
     const held = holder ? await holder.isHeld().catch(() => true) : false;
-    if (this.state.status !== "moved") return; // released meanwhile
     if (!held) return this.wipe();
     this.scheduleAlarm();
   }
@@ -403,12 +407,15 @@ export class Session extends DurableObject<Env> {
 
   /** For the user directory: is a session held here (connected, or resumable)? */
   async isHeld(): Promise<boolean> {
-    return HOLDING.has(this.state.status);
+    // Mid-RESUME, the hand-off may have come already: the pointer where the session started must not go.
+    return HOLDING.has(this.state.status) || this.handshaking;
   }
 
   /** The session's last holder ended it: the pointer kept here is no longer needed. */
   async release(): Promise<void> {
-    if (this.state.status === "moved") this.wipe();
+    await this.enqueue(() => {
+      if (this.state.status === "moved") this.wipe();
+    });
   }
 
   // ---- deliveries from guilds and the user directory ---------------------------------------

@@ -153,7 +153,7 @@ export class SpanExportQueue {
   private export(spans: ReadableSpan[]): Promise<void> {
     return new Promise((resolve) => {
       const done = (error: unknown) => {
-        if (error !== undefined) this.warn(`failed: ${String(error)}`, `trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, error);
+        if (error !== undefined) this.warn(failureKind(error), `trace export of ${spans.length} spans failed (${this.dropped} dropped so far):`, error);
         else this.exportWentThrough();
         resolve();
       };
@@ -164,6 +164,11 @@ export class SpanExportQueue {
       }
     });
   }
+}
+
+/** A failed export's kind, for holding back warnings: the status, a timeout, or anything else (whose wording may differ every time). */
+function failureKind(error: unknown): string {
+  return /collector answered \d+|no answer within/.exec(String(error))?.[0] ?? "other failure";
 }
 
 /** Answers that say "try again": a gateway in front of the collector failed or is restarting. */

@@ -501,6 +501,28 @@ describe("fanout to sessions that fail or have ended", () => {
     }
   });
 
+  it("a change owed to an unreachable session keeps its retry when more changes come, and one everyone heard leaves no alarm", async () => {
+    const directory = () => env.USER.get(env.USER.idFromName("ar-user"));
+    const alarm = () => runInDurableObject(directory(), (_user, state) => state.storage.getAlarm());
+    const { client, sessionId } = await sessionAfterFirstMessage("alarm-home", "ar-user");
+    await addMember("alarm-told", "ar-user");
+    await client.waitFor(() => client.dispatches("GUILD_CREATE")[0], "GUILD_CREATE");
+    expect(await alarm()).toBeNull(); // every session told: no wake-up
+    const restore = await patchMethod(sessionStub(sessionId), "guildAdded", () => Promise.reject(new Error("session overloaded")));
+    try {
+      await addMember("alarm-a", "ar-user");
+      const retry = await alarm();
+      expect(retry).not.toBeNull();
+      await scheduler.wait(20);
+      await addMember("alarm-b", "ar-user"); // a later change must not push the owed one's retry back
+      expect(await alarm()).toBe(retry);
+    } finally {
+      restore();
+    }
+    expect(await runDurableObjectAlarm(directory())).toBe(true);
+    await client.waitFor(() => client.dispatches("GUILD_CREATE").length === 3, "both owed GUILD_CREATEs");
+  });
+
   it("a session that never heard of its removal gets the guild back when re-added, and the removal's late retry does not undo it", async () => {
     const guildId = "readded";
     const { client, sessionId } = await sessionAfterFirstMessage(guildId, "rd-user");
@@ -652,6 +674,47 @@ describe("an ended session's storage", () => {
     // Its alarm asks the holder, which holds nothing: the pointer and its storage go.
     expect(await runDurableObjectAlarm(sessionStub(sessionId))).toBe(true);
     expect(await storedBy(sessionId)).toEqual({ tables: [], alarm: null });
+  });
+
+  it("where a session started, stays while the session is held, through two RESUMEs at once of a session resumed before", async () => {
+    const { client, sessionId } = await sessionAfterFirstMessage("moved-race", "mr-user");
+    client.ws.close(4000, "network dropped");
+    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    const first = await TestClient.connect();
+    await first.resume("mr-user", sessionId, 2);
+    first.ws.close(4000, "network dropped again");
+    // The client retries on two connections at once; they race through the first object. The
+    // holder's hand-off to the first is slow to come back: the second arrives meanwhile (if it may).
+    let handOffs = 0;
+    let secondCame!: () => void;
+    const second = new Promise<void>((resolve) => (secondCame = resolve));
+    const slow = await patchMethod(sessionStub(sessionId), "handOff", async (_self, original, args) => {
+      const n = ++handOffs;
+      if (n === 2) secondCame();
+      const answer = await original(...args);
+      if (n === 1) await Promise.race([second, scheduler.wait(500)]);
+      return answer;
+    });
+    const racers = [await TestClient.connect(), await TestClient.connect()];
+    const outcome = (racer: TestClient) => (racer.dispatches("RESUMED").length > 0 ? "resumed" : racer.frames.some((f) => f.op === 9) ? "op 9" : racer.closed ? `closed ${racer.closed.code}` : undefined);
+    try {
+      for (const racer of racers) await racer.waitFor(() => racer.frames.find((f) => f.op === 10), "HELLO");
+      const resumeToken = await token("mr-user");
+      for (const racer of racers) {
+        racer.send({ op: 6, d: { token: resumeToken, session_id: sessionId, seq: 3 } });
+        await eventually(() => handOffs > 0, "the first hand-off");
+      }
+      await eventually(() => racers.every((racer) => outcome(racer)), "both answers");
+    } finally {
+      slow();
+    }
+    expect(racers.map(outcome)).toContain("resumed");
+    // However it went, the session is still where the pointer says: the next RESUME finds it.
+    for (const racer of racers) racer.ws.close(4000, "dropped");
+    await eventually(async () => (await sessionStatus(sessionId)) === "moved", "the pointer");
+    const last = await TestClient.connect();
+    await last.resume("mr-user", sessionId, 3);
+    expect(last.closed).toBeNull();
   });
 
   it("is not made again by late calls to the object: an expired RESUME, a delivery, the user directory asking", async () => {

@@ -658,6 +658,12 @@ describe("span export batching", () => {
     answer = new Error("collector answered 503");
     await exportOne();
     expect(warnings).toHaveLength(5);
+    // Errors worded differently every time are one kind, not news each time.
+    for (let i = 0; i < 5; i++) {
+      answer = new Error(`internal error; reference = ${i}f3a9`);
+      await exportOne();
+    }
+    expect(warnings).toHaveLength(6);
   });
 
   it("a guild whose fanout is sending leaves its spans for the idle hook, unless a request's worth waits or the oldest waited a second", async () => {

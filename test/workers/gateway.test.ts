@@ -650,13 +650,19 @@ describe("an ended session's storage", () => {
     expect(await storedBy(sessionId)).toEqual({ tables: [], alarm: null });
   });
 
-  it("is gone where the session started too, once it was resumed elsewhere and its last holder's word was lost", async () => {
-    const { client, sessionId } = await sessionAfterFirstMessage("end-moved", "em-user");
+  /** A session (READY, one message) dropped and resumed on a new connection, its holder now. */
+  async function resumedElsewhere(guildId: string, userId: string): Promise<{ sessionId: string; holder: TestClient }> {
+    const { client, sessionId } = await sessionAfterFirstMessage(guildId, userId);
     client.ws.close(4000, "network dropped");
     await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
     const holder = await TestClient.connect();
-    await holder.resume("em-user", sessionId, 2);
+    await holder.resume(userId, sessionId, 2);
     expect(await sessionStatus(sessionId)).toBe("moved");
+    return { sessionId, holder };
+  }
+
+  it("is gone where the session started too, once it was resumed elsewhere and its last holder's word was lost", async () => {
+    const { sessionId, holder } = await resumedElsewhere("end-moved", "em-user");
     // While the holder holds it, the pointer stays (later resumes find the session through it) and asks again later.
     expect(await runDurableObjectAlarm(sessionStub(sessionId))).toBe(true);
     expect(await sessionStatus(sessionId)).toBe("moved");
@@ -677,12 +683,8 @@ describe("an ended session's storage", () => {
   });
 
   it("where a session started, stays while the session is held, through two RESUMEs at once of a session resumed before", async () => {
-    const { client, sessionId } = await sessionAfterFirstMessage("moved-race", "mr-user");
-    client.ws.close(4000, "network dropped");
-    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
-    const first = await TestClient.connect();
-    await first.resume("mr-user", sessionId, 2);
-    first.ws.close(4000, "network dropped again");
+    const { sessionId, holder } = await resumedElsewhere("moved-race", "mr-user");
+    holder.ws.close(4000, "network dropped again");
     // The client retries on two connections at once; they race through the first object. The
     // holder's hand-off to the first is slow to come back: the second arrives meanwhile (if it may).
     let handOffs = 0;

@@ -125,8 +125,7 @@ export class User extends DurableObject<Env> {
         since,
       );
     }
-    // If setting the alarm fails, the notices wait for the next change's alarm (logged, not thrown).
-    const fail = (error: unknown) => console.error("user directory: setting the alarm failed:", error);
+    const fail = (error: unknown) => console.error("user directory: its alarm could not be set or removed:", error);
     if (!alarmComing) this.ctx.storage.setAlarm(since + FIRST_RETRY_MS).catch(fail);
     await Promise.all(
       sessions.map(async ({ session_id, target }) => {
@@ -136,8 +135,9 @@ export class User extends DurableObject<Env> {
         if (answer === "gone") this.forget(session_id, target);
       }),
     );
-    // Every session told: no wake-up needed.
-    if (this.sql.exec("SELECT 1 FROM pending_notices LIMIT 1").toArray().length === 0) this.ctx.storage.deleteAlarm().catch(fail);
+    // Every session told: no wake-up needed. Some still owed: an alarm is coming, unless setting one failed.
+    if (this.sql.exec("SELECT 1 FROM pending_notices LIMIT 1").toArray().length === 0) await this.ctx.storage.deleteAlarm().catch(fail);
+    else if ((await this.ctx.storage.getAlarm()) === null) await this.ctx.storage.setAlarm(Date.now() + FIRST_RETRY_MS).catch(fail);
   }
 
   /** `owed_since` of the last notices owed (see notifySessions). */

@@ -352,12 +352,14 @@ export class Session extends DurableObject<Env> {
   /** Called on the object where a session started, by the object a client resumes on. */
   async takeOver(request: HandOffRequest): Promise<HandOff> {
     if (this.state.status !== "moved") return this.handOff(request);
-    // A task, so that two RESUMEs at once, the pointer's check and a release take turns: one
-    // asking the holder while another's hand-off is on its way back would find no one there.
+    // A task, so that two RESUMEs at once and the pointer's check take turns: one asking the
+    // holder while another's hand-off is on its way back would find no one there. (`release` is
+    // not one: the holder calls it from a task of its own, which a hand-off here may wait behind.)
     return this.enqueue(async (): Promise<HandOff> => {
       if (this.state.status !== "moved") return { kind: "unknown" }; // released meanwhile
       const holder = this.sessionStub(this.state.movedTo);
       const handOff = holder ? await holder.handOff(request) : ({ kind: "unknown" } as const);
+      if (this.state.status !== "moved") return handOff; // released while asking: nothing to point to
       if (handOff.kind === "ok") this.setState({ movedTo: request.requester });
       // "unknown" also answers a seq older than the holder keeps: the pointer goes only with the session.
       if (handOff.kind === "unknown") await this.checkHolder();
@@ -375,6 +377,7 @@ export class Session extends DurableObject<Env> {
     if (this.state.status !== "moved") return; // released meanwhile
     const holder = this.sessionStub(this.state.movedTo);
     const held = holder ? await holder.isHeld().catch(() => true) : false;
+    if (this.state.status !== "moved") return; // released while asking
     if (!held) return this.wipe();
     this.scheduleAlarm();
   }
@@ -413,9 +416,7 @@ export class Session extends DurableObject<Env> {
 
   /** The session's last holder ended it: the pointer kept here is no longer needed. */
   async release(): Promise<void> {
-    await this.enqueue(() => {
-      if (this.state.status === "moved") this.wipe();
-    });
+    if (this.state.status === "moved") this.wipe();
   }
 
   // ---- deliveries from guilds and the user directory ---------------------------------------

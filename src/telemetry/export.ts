@@ -132,8 +132,7 @@ export class SpanExportQueue {
       return;
     }
     console.warn(message + this.heldBackNote(), ...details);
-    if (this.warnedAt.size >= 32) this.warnedAt.clear(); // errors of ever new wording must not grow it
-    this.warnedAt.set(kind, now);
+    this.warnedAt.set(kind, now); // few kinds (see failureKind): nothing to bound
   }
 
   /** An export went through: after a whole interval without a failure, say so (once). */

@@ -66,7 +66,7 @@ export type ServerFrame =
   | { op: typeof Op.HELLO; d: { heartbeat_interval: number } }
   | { op: typeof Op.HEARTBEAT_ACK; d: null }
   | { op: typeof Op.HEARTBEAT; d: number | null }
-  | { op: typeof Op.RECONNECT; d?: null }
+  | { op: typeof Op.RECONNECT; d: null }
   | { op: typeof Op.INVALID_SESSION; d: boolean };
 
 export type ClientFrame =

@@ -321,7 +321,7 @@ export class Session extends DurableObject<Env> {
       // as its clients resume), and op 9 would have the client start over and miss what was
       // posted meanwhile. Had the hand-off gone through, the next RESUME gets op 9 anyway.
       console.warn("resume: the session's object could not be reached:", error);
-      return this.close(ws, CloseCode.UNKNOWN_ERROR, "the session could not be reached; resume again");
+      return this.askToResume(ws, "the session could not be reached; resume again");
     }
     if (handOff.kind === "seq_ahead") return this.close(ws, CloseCode.INVALID_SEQ, "seq is ahead of the session");
     if (handOff.kind === "wrong_user") return this.close(ws, CloseCode.AUTHENTICATION_FAILED, "session belongs to another user");
@@ -345,7 +345,7 @@ export class Session extends DurableObject<Env> {
     } catch (error) {
       // The session is held here now: the client may RESUME again (handled once this is done).
       console.error("RESUME failed:", error);
-      await this.close(ws, CloseCode.UNKNOWN_ERROR, "the session could not be resumed here; resume again");
+      await this.askToResume(ws, "the session could not be resumed here; resume again");
     }
   }
 
@@ -740,6 +740,15 @@ export class Session extends DurableObject<Env> {
   private close(ws: WebSocket, code: CloseCode, reason: string): Promise<void> {
     closeSocket(ws, code, reason);
     return this.disconnected(code);
+  }
+
+  /**
+   * A failure on the server's side that leaves the session resumable: op 7 says "reconnect and
+   * RESUME" in the protocol's own words, and the close (4000, not 1000) keeps the session.
+   */
+  private askToResume(ws: WebSocket, reason: string): Promise<void> {
+    this.send(ws, { op: Op.RECONNECT, d: null });
+    return this.close(ws, CloseCode.UNKNOWN_ERROR, reason);
   }
 
   /**

@@ -586,6 +586,7 @@ describe("fanout to sessions that fail or have ended", () => {
       second.send({ op: 6, d: { token: await token("zombie-user"), session_id: sessionId, seq: 1 } });
       await second.waitFor(() => second.closed, "the close");
       expect(second.closed!.code).toBe(4000);
+      expect(second.frames.map((f) => f.op)).toEqual([10, 7]); // RECONNECT: resume again
     } finally {
       restore();
     }
@@ -1013,12 +1014,39 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
       restore();
     }
     expect(first.closed!.code).toBe(4000);
-    expect(first.frames.filter((f) => f.op === 9)).toEqual([]);
+    expect(first.frames).toEqual([expect.objectContaining({ op: 10 }), { op: 7, d: null }]); // RECONNECT, not op 9
     expect(await sessionStatus(sessionId)).toBe("disconnected");
     const second = await TestClient.connect();
     await second.resume("rod-user", sessionId, 2);
     expect(second.dispatches().map((f) => [f.t, f.s])).toEqual([["MESSAGE_CREATE", 3], ["RESUMED", 4]]);
     expect(second.messageSeqs()).toEqual([2]);
+  });
+
+  it("a RESUME that fails after the hand-off asks the client to reconnect (op 7, 4000), and resuming again replays everything", async () => {
+    const { client, sessionId } = await sessionAfterFirstMessage("resume-fails-late", "rfl-user");
+    client.ws.close(4000, "network dropped");
+    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    await post("resume-fails-late", "rfl-user", "m2"); // kept by the disconnected session
+    // The session is handed over, then its user directory cannot be reached from the new object.
+    const user = env.USER.get(env.USER.idFromName("rfl-user"));
+    const restore = await patchMethod(user, "attachSession", () => Promise.reject(new Error("directory unreachable")));
+    const first = await TestClient.connect();
+    try {
+      await first.waitFor(() => first.frames.find((f) => f.op === 10), "HELLO");
+      first.send({ op: 6, d: { token: await token("rfl-user"), session_id: sessionId, seq: 2 } });
+      await first.waitFor(() => first.closed, "the close");
+    } finally {
+      restore();
+    }
+    expect(first.closed!.code).toBe(4000);
+    // The replay went out before the failure; then RECONNECT, never RESUMED nor op 9.
+    expect(first.frames.map((f) => [f.op, f.t ?? null])).toEqual([[10, null], [0, "MESSAGE_CREATE"], [7, null]]);
+    const second = await TestClient.connect();
+    await second.resume("rfl-user", sessionId, 2);
+    expect(second.dispatches().map((f) => [f.t, f.s])).toEqual([["MESSAGE_CREATE", 3], ["RESUMED", 4]]);
+    await post("resume-fails-late", "rfl-user", "m3");
+    await second.waitFor(() => second.messageSeqs().length === 2, "the next message on the resumed connection");
+    expect(second.messageSeqs()).toEqual([2, 3]);
   });
 
   it("a RESUME whose guild cannot be reached still resumes, and misses nothing of it once the guild is back", async () => {

@@ -22,10 +22,10 @@
  * ~C × N deliveries at once, so a fixed window would count only whole waves and miss the time
  * of the last one.
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { accessSync, constants, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { fork } from "node:child_process";
 import { cpus, totalmem } from "node:os";
-import { join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
 import { startProfiling, summarise } from "./lib/cpu-profile.ts";
@@ -74,6 +74,17 @@ if (![sessions, messages, concurrency, rounds, naiveMessages].every((n) => Numbe
 }
 if (![values["timeout-seconds"], values["naive-seconds"]].every((v) => Number(v) > 0)) {
   throw new Error("--timeout-seconds and --naive-seconds must be positive numbers");
+}
+// An output that cannot be written fails the run now, not after minutes of measuring; its folder is made.
+for (const option of ["json", "profile", "wrangler-log"] as const) {
+  const file = values[option];
+  if (file === undefined) continue;
+  try {
+    mkdirSync(dirname(resolve(file)), { recursive: true });
+    accessSync(dirname(resolve(file)), constants.W_OK);
+  } catch (error) {
+    throw new Error(`--${option} ${file} cannot be written: ${(error as Error).message}`);
+  }
 }
 
 /** A mode's result: the median of its rounds, figure by figure, and the rounds themselves. */

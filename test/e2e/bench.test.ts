@@ -4,7 +4,7 @@
  * write what the contract says; the chart script must draw it.
  */
 import { execFile } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -18,7 +18,7 @@ describe("npm run bench", () => {
   it("runs every mode against the real gateway and writes the contract's JSON, which the chart script draws", async ({ onTestFinished }) => {
     const dir = mkdtempSync(join(tmpdir(), "guildwire-bench-"));
     onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
-    const json = join(dir, "run.json");
+    const json = join(dir, "runs", "run.json"); // a folder not made yet: the bench makes it
     const sessions = 3;
     const messages = 4;
     const { stdout } = await run(process.execPath, ["scripts/bench.ts", "--sessions", `${sessions}`, "--messages", `${messages}`, "--concurrency", "2", "--json", json], {
@@ -57,4 +57,20 @@ describe("npm run bench", () => {
     expect(chart).toMatch(/^<svg[\s>]/);
     for (const mode of MODES) expect(chart).toContain(mode);
   }, 180_000);
+
+  it("refuses an output it cannot write before measuring anything, naming it", async ({ onTestFinished }) => {
+    const dir = mkdtempSync(join(tmpdir(), "guildwire-bench-"));
+    onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
+    writeFileSync(join(dir, "a-file"), "");
+    const json = join(dir, "a-file", "run.json");
+    const started = Date.now();
+    const failure = await run(process.execPath, ["scripts/bench.ts", "--json", json], { cwd: ROOT, timeout: 30_000 }).then(
+      () => undefined,
+      (error: { code?: number; stderr?: string; stdout?: string }) => error,
+    );
+    expect(failure?.code).toBe(1);
+    expect(failure?.stderr).toContain(`--json ${json} cannot be written`);
+    expect(failure?.stdout).toBe(""); // no row was measured
+    expect(Date.now() - started).toBeLessThan(10_000);
+  });
 });

@@ -13,6 +13,23 @@ const userSessions = (userId: string) =>
 const sessionStatus = (sessionId: string) =>
   runInDurableObject(sessionStub(sessionId), (session: Session) => (session as unknown as { state: { status: string } }).state.status);
 
+/** A session (READY, one message) whose client dropped: disconnected, resumable from seq 2. */
+async function droppedSession(guildId: string, userId: string): Promise<string> {
+  const { client, sessionId } = await sessionAfterFirstMessage(guildId, userId);
+  client.ws.close(4000, "network dropped");
+  await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+  return sessionId;
+}
+
+/** A RESUME on a new connection, up to the close the server is expected to answer it with. */
+async function closedResume(userId: string, sessionId: string, seq: number): Promise<TestClient> {
+  const client = await TestClient.connect();
+  await client.waitFor(() => client.frames.find((f) => f.op === 10), "HELLO");
+  client.send({ op: 6, d: { token: await token(userId), session_id: sessionId, seq } });
+  await client.waitFor(() => client.closed, "the close");
+  return client;
+}
+
 /** Sends a HEARTBEAT and waits for its ACK: anything the session sent this socket before has arrived. */
 async function heartbeatAnswered(client: TestClient): Promise<void> {
   const acks = client.frames.filter((f) => f.op === 11).length;
@@ -580,16 +597,9 @@ describe("fanout to sessions that fail or have ended", () => {
       await original(...args);
       throw new Error("Network connection lost.");
     });
-    const second = await TestClient.connect();
-    try {
-      await second.waitFor(() => second.frames.find((f) => f.op === 10), "HELLO");
-      second.send({ op: 6, d: { token: await token("zombie-user"), session_id: sessionId, seq: 1 } });
-      await second.waitFor(() => second.closed, "the close");
-      expect(second.closed!.code).toBe(4000);
-      expect(second.frames.map((f) => f.op)).toEqual([10, 7]); // RECONNECT: resume again
-    } finally {
-      restore();
-    }
+    const second = await closedResume("zombie-user", sessionId, 1).finally(restore);
+    expect(second.closed!.code).toBe(4000);
+    expect(second.frames.map((f) => f.op)).toEqual([10, 7]); // RECONNECT: resume again
     expect(await sessionStatus(sessionId)).toBe("moved"); // to an object that holds nothing
     // Resumed again, as 4000 tells the client to: the session is nowhere now, so op 9.
     const again = await TestClient.connect();
@@ -653,9 +663,7 @@ describe("an ended session's storage", () => {
 
   /** A session (READY, one message) dropped and resumed on a new connection, its holder now. */
   async function resumedElsewhere(guildId: string, userId: string): Promise<{ sessionId: string; holder: TestClient }> {
-    const { client, sessionId } = await sessionAfterFirstMessage(guildId, userId);
-    client.ws.close(4000, "network dropped");
-    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    const sessionId = await droppedSession(guildId, userId);
     const holder = await TestClient.connect();
     await holder.resume(userId, sessionId, 2);
     expect(await sessionStatus(sessionId)).toBe("moved");
@@ -999,20 +1007,11 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
   });
 
   it("a RESUME whose session object cannot be reached for a moment closes 4000, and the next RESUME gets what was posted meanwhile", async () => {
-    const { client, sessionId } = await sessionAfterFirstMessage("resume-origin-down", "rod-user");
-    client.ws.close(4000, "network dropped");
-    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    const sessionId = await droppedSession("resume-origin-down", "rod-user");
     await post("resume-origin-down", "rod-user", "m2"); // kept by the disconnected session
     // The session's object is being reset (a deploy) as the client resumes: the call fails unrun.
     const restore = await patchMethod(sessionStub(sessionId), "takeOver", () => Promise.reject(new Error("Durable Object reset because its code was updated.")));
-    const first = await TestClient.connect();
-    try {
-      await first.waitFor(() => first.frames.find((f) => f.op === 10), "HELLO");
-      first.send({ op: 6, d: { token: await token("rod-user"), session_id: sessionId, seq: 2 } });
-      await first.waitFor(() => first.closed, "the close");
-    } finally {
-      restore();
-    }
+    const first = await closedResume("rod-user", sessionId, 2).finally(restore);
     expect(first.closed!.code).toBe(4000);
     expect(first.frames).toEqual([expect.objectContaining({ op: 10 }), { op: 7, d: null }]); // RECONNECT, not op 9
     expect(await sessionStatus(sessionId)).toBe("disconnected");
@@ -1023,21 +1022,12 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
   });
 
   it("a RESUME that fails after the hand-off asks the client to reconnect (op 7, 4000), and resuming again replays everything", async () => {
-    const { client, sessionId } = await sessionAfterFirstMessage("resume-fails-late", "rfl-user");
-    client.ws.close(4000, "network dropped");
-    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    const sessionId = await droppedSession("resume-fails-late", "rfl-user");
     await post("resume-fails-late", "rfl-user", "m2"); // kept by the disconnected session
     // The session is handed over, then its user directory cannot be reached from the new object.
     const user = env.USER.get(env.USER.idFromName("rfl-user"));
     const restore = await patchMethod(user, "attachSession", () => Promise.reject(new Error("directory unreachable")));
-    const first = await TestClient.connect();
-    try {
-      await first.waitFor(() => first.frames.find((f) => f.op === 10), "HELLO");
-      first.send({ op: 6, d: { token: await token("rfl-user"), session_id: sessionId, seq: 2 } });
-      await first.waitFor(() => first.closed, "the close");
-    } finally {
-      restore();
-    }
+    const first = await closedResume("rfl-user", sessionId, 2).finally(restore);
     expect(first.closed!.code).toBe(4000);
     // The replay went out before the failure; then RECONNECT, never RESUMED nor op 9.
     expect(first.frames.map((f) => [f.op, f.t ?? null])).toEqual([[10, null], [0, "MESSAGE_CREATE"], [7, null]]);
@@ -1050,9 +1040,7 @@ describe("a connection that ends or fails while IDENTIFY or RESUME is under way"
   });
 
   it("a RESUME whose guild cannot be reached still resumes, and misses nothing of it once the guild is back", async () => {
-    const { client, sessionId } = await sessionAfterFirstMessage("resume-broken", "rb-user");
-    client.ws.close(4000, "network dropped");
-    await eventually(async () => (await sessionStatus(sessionId)) === "disconnected", "the session disconnected");
+    const sessionId = await droppedSession("resume-broken", "rb-user");
     await post("resume-broken", "rb-user", "m2"); // kept by the disconnected session
     const broken = await unreachableSubscribe("resume-broken");
     const resumed = await TestClient.connect();

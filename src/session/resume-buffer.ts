@@ -78,28 +78,37 @@ export class ResumeBuffer {
 
   /** Frames after `seq`, in order. */
   framesAfter(seq: number): { s: number; frame: string }[] {
-    return this.agedFramesAfter(seq).map(({ s, frame }) => ({ s, frame }));
-  }
-
-  /** Frames after `seq`, in order, each with when it was first stored: what a hand-off carries. */
-  agedFramesAfter(seq: number): { s: number; frame: string; at: number }[] {
-    const rows = this.sql.exec<{ first_s: number; frames: string; at: number }>("SELECT first_s, frames, at FROM dispatch_runs WHERE last_s > ? ORDER BY first_s", seq);
-    const frames: { s: number; frame: string; at: number }[] = [];
-    for (const row of rows) {
-      (JSON.parse(row.frames) as string[]).forEach((frame, i) => {
-        const s = row.first_s + i;
-        if (s > seq) frames.push({ s, frame, at: row.at });
-      });
-    }
-    return frames;
+    return this.agedFramesAfter(seq).frames.map(({ s, frame }) => ({ s, frame }));
   }
 
   /**
-   * Takes the frames handed over by the session's previous holder in place of any kept here,
+   * Frames after `seq`, in order, each with when it was first stored: what a hand-off carries.
+   * Stops once they hold `maxUnits` of text (one frame at least); `more` says frames are left.
+   * Rows are read as they are needed, so a page costs its own size in memory, not the buffer's.
+   */
+  agedFramesAfter(seq: number, maxUnits = Infinity): { frames: { s: number; frame: string; at: number }[]; more: boolean } {
+    const rows = this.sql.exec<{ first_s: number; frames: string; at: number }>("SELECT first_s, frames, at FROM dispatch_runs WHERE last_s > ? ORDER BY first_s", seq);
+    const frames: { s: number; frame: string; at: number }[] = [];
+    let units = 0;
+    for (const row of rows) {
+      const runFrames = JSON.parse(row.frames) as string[];
+      for (let i = 0; i < runFrames.length; i++) {
+        const s = row.first_s + i;
+        if (s <= seq) continue;
+        if (units >= maxUnits) return { frames, more: true };
+        const frame = runFrames[i]!;
+        frames.push({ s, frame, at: row.at });
+        units += frame.length;
+      }
+    }
+    return { frames, more: false };
+  }
+
+  /**
+   * Stores frames handed over by the session's previous holder (all of them, or the next page),
    * each as old as it was there (one from a holder that sent no age counts from now).
    */
-  restore(frames: { s: number; frame: string; at?: number }[], now = Date.now()): void {
-    this.sql.exec("DELETE FROM dispatch_runs");
+  takeHandedOver(frames: { s: number; frame: string; at?: number }[], now = Date.now()): void {
     this.insert(runsOf(frames), now);
   }
 

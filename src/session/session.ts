@@ -55,12 +55,21 @@ interface OwedGuilds {
   tries: number;
 }
 
+/** A dispatch as a hand-off carries it: with when it was first stored, so a RESUME does not make it young again. */
+type HandedFrame = { s: number; frame: string; at?: number };
+
 /** What the session's current holder hands to the object a client resumed on. */
 export type HandOff =
-  | { kind: "ok"; userId: string; s: number; guilds: GuildPosition[]; frames: { s: number; frame: string; at?: number }[] }
+  | { kind: "ok"; userId: string; s: number; guilds: GuildPosition[]; frames: HandedFrame[] }
+  // More frames than one RPC may carry: the next of them, with nothing handed over yet. Asked
+  // again with `copiedThrough`, until the rest fits in an "ok".
+  | { kind: "page"; frames: HandedFrame[] }
   | { kind: "unknown" }
   | { kind: "seq_ahead" }
   | { kind: "wrong_user" };
+
+/** A hand-off's answer once every page has come. */
+type FinalHandOff = Exclude<HandOff, { kind: "page" }>;
 
 /** How far a session has got in one guild. */
 export interface GuildPosition {
@@ -72,7 +81,16 @@ export interface HandOffRequest {
   requester: string;
   userId: string;
   seq: number;
+  /** The requester has the frames up to this seq already (pages): the hand-off starts after it. */
+  copiedThrough?: number;
 }
+
+/**
+ * Frame text one hand-off RPC carries, in UTF-16 code units: serialized, a unit takes 1 or 2
+ * bytes, well inside workerd's 32 MiB for an RPC's arguments or return value. A minute of a busy
+ * guild's dispatches (the resume window) can be far more than that.
+ */
+const HAND_OFF_PAGE_UNITS = 4 * 1024 * 1024;
 
 const HOLDING: ReadonlySet<Status> = new Set(["ready", "disconnected"]);
 const ENDS_SESSION = (code: number) => code === CloseCode.NORMAL || code === CloseCode.GOING_AWAY;
@@ -313,9 +331,9 @@ export class Session extends DurableObject<Env> {
     if (!(await this.user(userId).allowResume().catch(() => true))) {
       return this.close(ws, CloseCode.RATE_LIMITED, "resuming too often for this user; wait a second and resume again");
     }
-    let handOff: HandOff;
+    let handOff: FinalHandOff;
     try {
-      handOff = await origin.takeOver({ requester: this.selfId, userId, seq: request.seq });
+      handOff = await this.requestHandOff(origin, { requester: this.selfId, userId, seq: request.seq }, ws);
     } catch (error) {
       // Not "unknown": the session may well be intact (its object resetting for a deploy, just
       // as its clients resume), and op 9 would have the client start over and miss what was
@@ -329,7 +347,7 @@ export class Session extends DurableObject<Env> {
     const { frames, guilds, s } = handOff;
     try {
       await this.enqueue(async () => {
-        this.buffer.restore(frames);
+        this.buffer.takeHandedOver(frames);
         this.setState({ status: "ready", sessionId: request.session_id, userId, s });
         for (const { guildId, lastSeq } of guilds) this.setGuildSeq(guildId, lastSeq);
         // Already in the buffer: if the client dropped meanwhile, its next RESUME gets them.
@@ -346,6 +364,25 @@ export class Session extends DurableObject<Env> {
       // The session is held here now: the client may RESUME again (handled once this is done).
       console.error("RESUME failed:", error);
       await this.askToResume(ws, "the session could not be resumed here; resume again");
+    }
+  }
+
+  /**
+   * Asks the session's holder (through `origin`) for the session, a page at a time while its
+   * frames are more than one RPC may carry; the holder changes nothing until the last, so a
+   * failure on the way leaves the session there, resumable. Each page is stored, and sent to
+   * the client, as it comes: neither side holds the whole buffer in memory.
+   */
+  private async requestHandOff(origin: DurableObjectStub<Session>, request: HandOffRequest, ws: WebSocket): Promise<FinalHandOff> {
+    this.buffer.clear();
+    for (;;) {
+      const handOff = await origin.takeOver(request);
+      if (handOff.kind !== "page") return handOff;
+      const copiedThrough = handOff.frames.at(-1)?.s ?? 0;
+      if (copiedThrough <= (request.copiedThrough ?? request.seq)) throw new Error("a hand-off page brought nothing new");
+      this.buffer.takeHandedOver(handOff.frames);
+      if (ws.readyState === WebSocket.READY_STATE_OPEN) for (const { frame } of handOff.frames) ws.send(frame);
+      request = { ...request, copiedThrough };
     }
   }
 
@@ -390,9 +427,12 @@ export class Session extends DurableObject<Env> {
       if (!HOLDING.has(status)) return { kind: "unknown" };
       if (request.userId !== userId) return { kind: "wrong_user" };
       if (request.seq > s) return { kind: "seq_ahead" };
+      const after = Math.max(request.seq, request.copiedThrough ?? 0);
       const oldest = this.buffer.oldestSeq();
-      if (request.seq < s && (oldest === null || oldest > request.seq + 1)) return { kind: "unknown" };
-      const handOff: HandOff = { kind: "ok", userId, s, guilds: this.guildSeqs(), frames: this.buffer.agedFramesAfter(request.seq) };
+      if (after < s && (oldest === null || oldest > after + 1)) return { kind: "unknown" };
+      const { frames, more } = this.buffer.agedFramesAfter(after, HAND_OFF_PAGE_UNITS);
+      if (more) return { kind: "page", frames };
+      const handOff: HandOff = { kind: "ok", userId, s, guilds: this.guildSeqs(), frames };
       const ws = this.socket();
       if (ws) closeSocket(ws, CloseCode.UNKNOWN_ERROR, "session resumed on another connection");
       if (sessionId === this.selfId) {

@@ -376,6 +376,43 @@ describe("a large coalesced delivery", () => {
   });
 });
 
+describe("a resume buffer larger than one RPC may carry (workerd: 32 MiB)", () => {
+  it("is handed over in pages: a RESUME replays all of it in order, and so does one through the pointer where the session started", async () => {
+    const guildId = "big-resume";
+    const AUTHORS = 40;
+    const EACH = 38; // 1,520 posts, each author inside its burst allowance
+    for (let a = 0; a < AUTHORS; a++) await addMember(guildId, `br-w${a}`);
+    const sessionId = await droppedSession(guildId, "br-reader"); // READY, then m1: resumable from seq 2
+    const content = "\u0001".repeat(4000); // the longest content there is: 24,000 characters once JSON-escaped
+    for (let round = 0; round < EACH; round++) {
+      const posted = await Promise.all(Array.from({ length: AUTHORS }, (_, a) => api("POST", `/api/guilds/${guildId}/messages`, `br-w${a}`, { content })));
+      expect(posted.map((r) => r.status)).toEqual(posted.map(() => 201));
+    }
+    const total = AUTHORS * EACH;
+    const resumed = async () => {
+      const client = await TestClient.connect();
+      await client.waitFor(() => client.frames.find((f) => f.op === 10), "HELLO");
+      client.send({ op: 6, d: { token: await token("br-reader"), session_id: sessionId, seq: 2 } });
+      await client.waitFor(() => client.dispatches("RESUMED")[0] ?? client.closed, "RESUMED", 30_000);
+      return client;
+    };
+
+    const first = await resumed();
+    const replayed = first.dispatches();
+    expect(replayed.reduce((bytes, f) => bytes + JSON.stringify(f).length, 0)).toBeGreaterThan(32 * 1024 * 1024);
+    expect(replayed.map((f) => f.s)).toEqual(Array.from({ length: total + 1 }, (_, i) => i + 3));
+    expect(first.messageSeqs(guildId)).toEqual(Array.from({ length: total }, (_, i) => i + 2));
+    expect(replayed.at(-1)?.t).toBe("RESUMED");
+
+    // From seq 2 again, on another connection: through the pointer, from the object that holds it now.
+    const second = await resumed();
+    await first.waitFor(() => first.closed, "the first connection closed");
+    expect(first.closed?.code).toBe(4000);
+    expect(second.dispatches().slice(0, -1)).toEqual(replayed);
+    expect(second.dispatches().at(-1)).toMatchObject({ t: "RESUMED", s: total + 4 });
+  }, 60_000);
+});
+
 describe("fanout", () => {
   it("is not stalled or failed by a session object that throws; the broken one is dropped", async () => {
     const guildId = "throwing";

@@ -1018,14 +1018,15 @@ describe("ResumeBuffer", () => {
     expect(frames.seqs).toEqual(Array.from({ length: 40 }, (_, i) => i + 1));
   });
 
-  it("keeps frames byte for byte, and a restore replaces what was kept", async () => {
+  it("keeps frames byte for byte, and takes frames handed over after a clear", async () => {
     const awkward = '{"d":{"content":"line\\nbreak \\"quoted\\" \\u2028 é 🎉 \\\\"}} raw: \u2028 \ud800 \u0000';
     const result = await inFreshStorage((sql) => {
       const buffer = new ResumeBuffer(sql);
       buffer.append([dispatch(1), { s: 2, frame: awkward }, dispatch(3), dispatch(4)]);
       const kept = buffer.framesAfter(0);
-      buffer.restore([
-        { s: 3, frame: "three" },
+      buffer.clear();
+      buffer.takeHandedOver([{ s: 3, frame: "three" }]);
+      buffer.takeHandedOver([
         { s: 4, frame: "four" },
         { s: 5, frame: "five" },
       ]);
@@ -1038,6 +1039,24 @@ describe("ResumeBuffer", () => {
       { s: 5, frame: "five" },
     ]);
     expect(result.lastSeq).toBe(5);
+  });
+
+  it("reads frames in pages of a given size, from the middle of a run, one frame at least", async () => {
+    const pages = await inFreshStorage((sql) => {
+      const buffer = new ResumeBuffer(sql);
+      buffer.append(Array.from({ length: 10 }, (_, i) => ({ s: i + 1, frame: "x".repeat(100) })));
+      const seqs = (page: { frames: { s: number }[]; more: boolean }) => ({ seqs: page.frames.map((f) => f.s), more: page.more });
+      return {
+        fromMiddle: seqs(buffer.agedFramesAfter(2, 250)),
+        last: seqs(buffer.agedFramesAfter(8, 250)),
+        tooSmall: seqs(buffer.agedFramesAfter(0, 1)),
+        whole: seqs(buffer.agedFramesAfter(0)),
+      };
+    });
+    expect(pages.fromMiddle).toEqual({ seqs: [3, 4, 5], more: true });
+    expect(pages.last).toEqual({ seqs: [9, 10], more: false });
+    expect(pages.tooSmall).toEqual({ seqs: [1], more: true });
+    expect(pages.whole).toEqual({ seqs: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], more: false });
   });
 
   it("stays bounded in a session that hibernates between deliveries (a new buffer object per wake-up)", async () => {
